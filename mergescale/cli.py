@@ -1,0 +1,118 @@
+"""The one command-line entry point.  Subcommands only parse arguments and dispatch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mergescale.errors import MergescaleError
+
+log = logging.getLogger("mergescale")
+
+NOT_YET = {
+    "merge": "merge experts into one model (mergescale spec or mergekit YAML)",
+    "eval": "evaluate model directories on lm-eval tasks with the evaluator pool",
+    "study": "run a study: many experts x many methods x held-in / held-out",
+}
+
+
+def _zoo_build(args: argparse.Namespace) -> int:
+    from mergescale.zoo.build import build_zoo, preset_spec
+    from mergescale.zoo.report import print_scores
+
+    zoo = build_zoo(preset_spec(args.preset, seed=args.seed), out=args.out, progress=not args.quiet)
+    print_scores(zoo)
+    print(zoo.root)
+    return 0
+
+
+def _zoo_show(args: argparse.Namespace) -> int:
+    from mergescale.zoo.build import Zoo
+    from mergescale.zoo.report import print_scores
+
+    print_scores(Zoo.load(args.dir))
+    return 0
+
+
+def _zoo_quality(args: argparse.Namespace) -> int:
+    from mergescale.zoo.build import Zoo
+    from mergescale.zoo.quality import measure_quality, print_quality
+
+    print_quality(measure_quality(Zoo.load(args.dir)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mergescale.zoo.build import build_zoo, preset_spec
+    from mergescale.zoo.report import print_scores
+
+    zoo = build_zoo(preset_spec("tiny", seed=args.seed), progress=not args.quiet)
+    print_scores(zoo)
+    print(f"zoo: {zoo.root}")
+    return 0
+
+
+def _not_implemented(name: str):
+    def run(args: argparse.Namespace) -> int:
+        raise MergescaleError(f"`mergescale {name}` is not implemented yet ({NOT_YET[name]})")
+
+    return run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mergescale",
+        description="Merge many fine-tuned experts with many methods and evaluate them, on Ray.",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging; show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    zoo = sub.add_parser("zoo", help="build and inspect the synthetic expert zoo")
+    zsub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
+    b = zsub.add_parser("build", help="build (or reuse from the cache) a zoo of a base and its experts")
+    b.add_argument("--preset", choices=("tiny", "small"), default="tiny")
+    b.add_argument("--out", type=Path, default=None, help="zoo directory (default: the cache)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(run=_zoo_build)
+    s = zsub.add_parser("show", help="print the score table of a built zoo")
+    s.add_argument("dir", type=Path)
+    s.set_defaults(run=_zoo_show)
+    q = zsub.add_parser("quality", help="measure the zoo's merge-quality bars (pairwise task arithmetic, averaging)")
+    q.add_argument("dir", type=Path)
+    q.set_defaults(run=_zoo_quality)
+
+    for name, help_ in NOT_YET.items():
+        sp = sub.add_parser(name, help=f"{help_} [not implemented yet]", add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(run=_not_implemented(name))
+
+    d = sub.add_parser("demo", help="the main job on the embedded default: build the tiny zoo and print its scores")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(run=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.run(args)
+    except MergescaleError as err:
+        if args.verbose:
+            raise
+        print(f"mergescale: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergescale: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tasks, metrics, inference backends (vLLM, HF), evaluator actors and the lm-eval bridge. Never merges."""

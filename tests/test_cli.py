@@ -1,0 +1,45 @@
+"""The CLI as a user runs it: the installed console script, in a subprocess."""
+
+import shutil
+import subprocess
+
+MERGESCALE = shutil.which("mergescale")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    assert MERGESCALE, "the mergescale console script is not installed"
+    return subprocess.run([MERGESCALE, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_subcommand():
+    res = run("--help")
+    assert res.returncode == 0
+    for sub in ("zoo", "merge", "eval", "study", "demo"):
+        assert sub in res.stdout
+
+
+def test_unimplemented_subcommands_say_so_and_fail():
+    for sub in ("merge", "eval", "study"):
+        res = run(sub, "anything")
+        assert res.returncode != 0
+        assert "not implemented yet" in res.stderr
+        assert "Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_user_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):
+    res = run("zoo", "show", str(tmp_path / "nowhere"))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"mergescale: error: {tmp_path / 'nowhere'}: no zoo.json; build a zoo with "
+        f"`mergescale zoo build --out {tmp_path / 'nowhere'}`"
+    ]
+    res = run("--verbose", "zoo", "show", str(tmp_path / "nowhere"))
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr and "MergescaleError" in res.stderr
+
+
+def test_bad_arguments_fail_with_usage():
+    res = run("zoo", "build", "--preset", "huge")
+    assert res.returncode == 2
+    assert "invalid choice: 'huge'" in res.stderr
