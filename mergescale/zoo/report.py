@@ -1,0 +1,38 @@
+"""Printing a zoo's score table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from mergescale.zoo.build import Zoo
+
+
+def score_table(zoo: Zoo, metric: str = "exact_match") -> Table:
+    held_in = [t.name for t in zoo.held_in]
+    held_out = [t.name for t in zoo.held_out]
+    n = zoo.meta["scores"]["n_examples"]
+    table = Table(
+        title=f"zoo {zoo.meta['spec']['preset']} (seed {zoo.meta['spec']['seed']}): "
+        f"test {metric.replace('_', ' ')} %, {n} examples per task; held-in | held-out"
+    )
+    table.add_column("model")
+    for name in held_in:
+        table.add_column(name, justify="right")
+    for name in held_out:
+        table.add_column(f"[dim]{name}[/dim]", justify="right")
+    for model in ["base"] + held_in:
+        row = zoo.scores(model)
+        cells = []
+        for task in held_in + held_out:
+            value = f"{100 * row[task][metric]:.0f}"
+            cells.append(f"[bold]{value}[/bold]" if task == model else value)
+        table.add_row(model, *cells)
+    return table
+
+
+def print_scores(zoo: Zoo, metric: str = "exact_match") -> None:
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 140)  # 13 columns: do not squeeze them in a log file
+    console.print(score_table(zoo, metric))

@@ -1,0 +1,114 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergescale.errors import MergescaleError
+from mergescale.eval.greedy import greedy_generate, score_examples
+from mergescale.zoo.build import build_zoo, preset_spec
+from mergescale.zoo.quality import BASE_MAX, EXPERT_MIN, PAIR_KEEP, PAIR_LAMBDAS, measure_quality
+from mergescale.zoo.tasks import HELD_IN, HELD_OUT, get_task
+
+
+def micro(seed: int):
+    """The tiny preset with very few steps: the real build path, in seconds."""
+    return preset_spec(
+        "tiny", seed=seed, base_steps=20, base_warmup=5, expert_steps=4, expert_warmup=2, eval_examples=6
+    )
+
+
+def test_build_is_deterministic_reused_and_atomic(tmp_path):
+    a = build_zoo(micro(3), out=tmp_path / "a", progress=False)
+    b = build_zoo(micro(3), out=tmp_path / "b", progress=False)
+    c = build_zoo(micro(4), out=tmp_path / "c", progress=False)
+    assert a.meta["weights_sha256"] == b.meta["weights_sha256"]
+    assert a.meta["scores"] == b.meta["scores"]
+    assert set(a.meta["weights_sha256"]) == {"base"} | {t.name for t in HELD_IN}
+    assert a.meta["weights_sha256"]["base"] != c.meta["weights_sha256"]["base"]
+    # reused, not rebuilt
+    stamp = (tmp_path / "a" / "base" / "model.safetensors").stat().st_mtime_ns
+    assert build_zoo(micro(3), out=tmp_path / "a", progress=False).meta == a.meta
+    assert (tmp_path / "a" / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+    # a zoo of another spec, or a foreign directory, is never overwritten
+    with pytest.raises(MergescaleError, match="another spec"):
+        build_zoo(micro(4), out=tmp_path / "a", progress=False)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    with pytest.raises(MergescaleError, match="is not a zoo"):
+        build_zoo(micro(3), out=tmp_path / "d", progress=False)
+    assert (tmp_path / "d" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "d"], "no staging directory left"
+
+
+def test_unknown_preset_is_a_user_error():
+    with pytest.raises(MergescaleError, match="unknown zoo preset 'huge'"):
+        preset_spec("huge")
+
+
+@pytest.mark.slow
+def test_zoo_layout_is_hugging_face(tiny_zoo):
+    meta = json.loads((tiny_zoo.root / "zoo.json").read_text())
+    assert meta["tasks"]["held_in"] == [t.name for t in HELD_IN]
+    assert meta["tasks"]["held_out"] == [t.name for t in HELD_OUT]
+    for name, path in [("base", tiny_zoo.base), *tiny_zoo.experts.items()]:
+        for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+            assert (path / f).is_file(), f"{path / f}"
+        cfg = json.loads((path / "config.json").read_text())
+        assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["head_dim"] == 64
+        assert set(meta["scores"]["test"][name]) == {t.name for t in HELD_IN + HELD_OUT}
+
+
+@pytest.mark.slow
+def test_recorded_scores_reproduce_from_disk(tiny_zoo):
+    path = tiny_zoo.experts["atbash"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    n = tiny_zoo.meta["scores"]["n_examples"]
+    for task in ("atbash", "copy"):
+        s = score_examples(model, tok, get_task(task).examples("test", n))
+        assert s.exact_match == tiny_zoo.scores("atbash")[task]["exact_match"]
+        assert s.char_acc == pytest.approx(tiny_zoo.scores("atbash")[task]["char_acc"])
+
+
+@pytest.mark.slow
+def test_quality_bars(tiny_zoo):
+    q = measure_quality(tiny_zoo)
+    assert min(q.expert.values()) >= EXPERT_MIN, q.expert
+    assert max(q.base.values()) <= BASE_MAX, q.base
+    assert q.pair_keep(PAIR_LAMBDAS[0]) >= PAIR_KEEP, q.pairs[PAIR_LAMBDAS[0]]
+    assert q.average_all_mean() <= q.pair_mean(PAIR_LAMBDAS[0]) - 0.15, (q.average_all, q.pair_mean(PAIR_LAMBDAS[0]))
+
+
+VLLM_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    if __name__ == "__main__":
+        from vllm import LLM, SamplingParams
+        path, prompts = sys.argv[1], json.loads(sys.argv[2])
+        llm = LLM(model=path, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+        print("OUTPUTS=" + json.dumps([o.outputs[0].text for o in outs]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_vllm_serves_a_zoo_expert_unchanged(tiny_zoo, tmp_path):
+    path = tiny_zoo.experts["upshift"]
+    prompts = [p for task in ("upshift", "copy") for p, _ in get_task(task).examples("test", 16)]
+    script = tmp_path / "serve.py"
+    script.write_text(VLLM_SCRIPT)
+    res = subprocess.run(
+        [sys.executable, str(script), str(path), json.dumps(prompts)], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("OUTPUTS="))
+    vllm_out = json.loads(line[len("OUTPUTS=") :])
+    hf_out = greedy_generate(
+        AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), prompts, max_new_tokens=12
+    )
+    assert vllm_out == hf_out
+    assert vllm_out[0] == get_task("upshift").answer(prompts[0][3:-1])
