@@ -2,8 +2,11 @@
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
-MERGESCALE = shutil.which("mergescale")
+# the console script installed beside this interpreter (the venv may not be on PATH)
+MERGESCALE = shutil.which("mergescale", path=str(Path(sys.executable).parent)) or shutil.which("mergescale")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

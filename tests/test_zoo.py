@@ -88,7 +88,9 @@ VLLM_SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         from vllm import LLM, SamplingParams
         path, prompts = sys.argv[1], json.loads(sys.argv[2])
-        llm = LLM(model=path, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+        # on CPU, gpu_memory_utilization is the fraction of the NUMA node's memory vLLM reserves
+        llm = LLM(model=path, dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+                  gpu_memory_utilization=0.1)
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
         print("OUTPUTS=" + json.dumps([o.outputs[0].text for o in outs]))
     """
