@@ -46,3 +46,11 @@ def test_bad_arguments_fail_with_usage():
     res = run("zoo", "build", "--preset", "huge")
     assert res.returncode == 2
     assert "invalid choice: 'huge'" in res.stderr
+
+
+def test_demo_prints_the_zoo_score_table(tiny_zoo):
+    res = run("demo", "--quiet")  # the zoo fixture has filled the cache: the demo reuses it
+    assert res.returncode == 0, res.stderr
+    assert f"zoo: {tiny_zoo.root}" in res.stdout
+    for model in ["base"] + list(tiny_zoo.experts):
+        assert model in res.stdout
