@@ -12,7 +12,6 @@ from mergescale.errors import MergescaleError
 log = logging.getLogger("mergescale")
 
 NOT_YET = {
-    "merge": "merge experts into one model (mergescale spec or mergekit YAML)",
     "eval": "evaluate model directories on lm-eval tasks with the evaluator pool",
     "study": "run a study: many experts x many methods x held-in / held-out",
 }
@@ -41,6 +40,16 @@ def _zoo_quality(args: argparse.Namespace) -> int:
     from mergescale.zoo.quality import measure_quality, print_quality
 
     print_quality(measure_quality(Zoo.load(args.dir)))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from mergescale.orchestrator.merge import run_merge
+    from mergescale.specs import load_merge_spec
+
+    spec = load_merge_spec(args.config)
+    out = run_merge(spec, args.out, allow_pickle=args.allow_pickle, progress=not args.quiet)
+    print(out)
     return 0
 
 
@@ -83,6 +92,13 @@ def parser() -> argparse.ArgumentParser:
     q = zsub.add_parser("quality", help="measure the zoo's merge-quality bars (pairwise task arithmetic, averaging)")
     q.add_argument("dir", type=Path)
     q.set_defaults(run=_zoo_quality)
+
+    m = sub.add_parser("merge", help="merge experts into one model (mergescale spec or unmodified mergekit YAML)")
+    m.add_argument("config", type=Path, help="merge config: mergescale spec or mergekit YAML")
+    m.add_argument("--out", type=Path, required=True, help="output model directory (must not exist or be empty)")
+    m.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin checkpoints (they can run code)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(run=_merge)
 
     for name, help_ in NOT_YET.items():
         sp = sub.add_parser(name, help=f"{help_} [not implemented yet]", add_help=False)

@@ -22,7 +22,7 @@ def test_help_lists_every_subcommand():
 
 
 def test_unimplemented_subcommands_say_so_and_fail():
-    for sub in ("merge", "eval", "study"):
+    for sub in ("eval", "study"):
         res = run(sub, "anything")
         assert res.returncode != 0
         assert "not implemented yet" in res.stderr

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from pydantic import Field
+
+from mergescale.merge_ops.registry import Method, MethodParams, register
 
 
 def task_arithmetic(
@@ -18,6 +21,46 @@ def task_arithmetic(
         raise ValueError(f"task_arithmetic: {len(experts)} experts but {len(weights)} weights")
     base32 = base.to(torch.float32)
     delta = torch.zeros_like(base32)
-    for expert, w in zip(experts, weights, strict=False):
+    for expert, w in zip(experts, weights, strict=True):
         delta.add_(expert.to(torch.float32) - base32, alpha=float(w))
     return (base32 + lam * delta).to(base.dtype)
+
+
+@register
+class Linear(Method):
+    """Σ wi θi / Σ wi (model soups); a plain weighted sum when ``normalize`` is false."""
+
+    name = "linear"
+    needs_base = False
+
+    class Params(MethodParams):
+        weight: float = 1.0
+        normalize: bool = True
+
+    def merge(self, base, experts, params, ctx):
+        weights = [p.weight for p in params]
+        out = sum(w * e for w, e in zip(weights, experts, strict=True))
+        total = sum(weights)
+        if params[0].normalize and abs(total) >= 1e-8:
+            out = out / total
+        return out
+
+
+@register
+class TaskArithmetic(Method):
+    """θ0 + λ Σ wi τi (negation: a negative weight; analogies: signed weights)."""
+
+    name = "task_arithmetic"
+
+    class Params(MethodParams):
+        weight: float = 1.0
+        lambda_: float = Field(1.0, alias="lambda")
+        normalize: bool = False
+
+    def merge(self, base, experts, params, ctx):
+        weights = [p.weight for p in params]
+        delta = sum(w * (e - base) for w, e in zip(weights, experts, strict=True))
+        total = sum(weights)
+        if params[0].normalize and abs(total) >= 1e-8:
+            delta = delta / total
+        return base + params[0].lambda_ * delta

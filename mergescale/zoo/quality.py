@@ -34,16 +34,21 @@ class Quality:
     pairs: dict[float, dict[tuple[str, str], tuple[float, float]]] = field(default_factory=dict)
     average_all: dict[str, float] = field(default_factory=dict)  # plain average of every expert, per held-in task
 
+    def normalized_pairs(self, lam: float) -> list[float]:
+        """Each two-expert merge's score on each member's task, over that expert's own score."""
+        return [
+            score / max(self.expert[task], 1e-9)
+            for pair, scores in self.pairs[lam].items()
+            for task, score in zip(pair, scores, strict=True)
+        ]
+
     def pair_keep(self, lam: float) -> float:
         """Worst fraction of an expert's own score kept by a two-expert merge at ``lam``."""
-        return min(
-            min(sa / max(self.expert[a], 1e-9), sb / max(self.expert[b], 1e-9))
-            for (a, b), (sa, sb) in self.pairs[lam].items()
-        )
+        return min(self.normalized_pairs(lam))
 
     def pair_mean(self, lam: float) -> float:
         """Mean normalized held-in score of the two-expert merges at ``lam``."""
-        vals = [s / self.expert[t] for (a, b), ss in self.pairs[lam].items() for t, s in zip((a, b), ss, strict=False)]
+        vals = self.normalized_pairs(lam)
         return sum(vals) / len(vals)
 
     def average_all_mean(self) -> float:

@@ -1,4 +1,4 @@
-"""Training the zoo's models: the base on the task mixture, each expert on its one task."""
+"""Training the zoo's models: the base on its mixture, each expert on its task (with replay)."""
 
 from __future__ import annotations
 

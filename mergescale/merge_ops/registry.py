@@ -1,0 +1,93 @@
+"""The method registry: a name maps to a merge method; a method declares its parameters.
+
+A method is one class in one file under ``merge_ops/``, decorated with ``@register``::
+
+    @register
+    class Linear(Method):
+        name = "linear"
+        needs_base = False
+
+        class Params(MethodParams):
+            weight: float = 1.0
+            normalize: bool = True
+
+        def merge(self, base, experts, params, ctx): ...
+
+``merge`` receives one tensor name's inputs, already cast to fp32, and ``params``: one
+resolved ``Params`` per expert (granularity is resolved before the method sees them, see
+``granularity.py``).  Fields listed in ``per_expert`` may differ between experts; the others
+are the same in every element.  Methods are pure functions of their inputs: no files, no Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from mergescale.errors import MergescaleError
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may know about the tensor it merges besides its values."""
+
+    name: str
+    seed: int = 0
+
+    def generator(self, expert: int) -> torch.Generator:
+        """A generator seeded by (seed, tensor name, expert index): masks never depend on sharding."""
+        digest = hashlib.blake2b(f"{self.seed}/{self.name}/{expert}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "big") & ((1 << 63) - 1))
+
+
+class Method:
+    name: ClassVar[str]
+    #: whether the method needs the base model θ0 (task-vector methods do)
+    needs_base: ClassVar[bool] = True
+    #: whether a statistics (reduce) pass over the whole model must run before the map pass
+    needs_stats: ClassVar[bool] = False
+    #: parameters that may take a different value per expert
+    per_expert: ClassVar[frozenset[str]] = frozenset({"weight"})
+    #: number of experts the method accepts (None = any number ≥ 1)
+    n_experts: ClassVar[int | None] = None
+
+    class Params(MethodParams):
+        pass
+
+    def merge(
+        self,
+        base: torch.Tensor | None,
+        experts: list[torch.Tensor],
+        params: list[MethodParams],
+        ctx: TensorContext,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS:
+        raise ValueError(f"merge method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Method:
+    from mergescale import merge_ops  # noqa: F401  (imports every method module)
+
+    try:
+        return METHODS[name]()
+    except KeyError:
+        raise MergescaleError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None

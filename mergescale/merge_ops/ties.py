@@ -1,0 +1,175 @@
+"""Sparsified and sign-elected task arithmetic: TIES, DARE, breadcrumbs, DELLA (ALGORITHMS.md).
+
+Every member computes, for each expert i, a sparsified task vector τ'i = sparsify(θi − θ0),
+weights it by wi, optionally elects a sign per element (TIES: the sign of Σ wi τ'i; only
+entries agreeing with it survive), sums, optionally divides by the summed weights of the
+surviving entries (``normalize``: TIES' disjoint mean), scales by λ and adds θ0.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from mergescale.merge_ops import sparsify as sp
+from mergescale.merge_ops.registry import Method, MethodParams, TensorContext, register
+
+Rescale = Literal["inverse", "l1", "none"]
+
+
+def combine(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    *,
+    elect: bool,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    """θ0 + λ · (Σ wi τ'i [agreeing]) / (Σ wi [agreeing] if normalize)."""
+    stacked = torch.stack(deltas)
+    w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * base.dim()))
+    weighted = stacked * w
+    if elect:
+        majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+        keep = stacked.sign() == majority
+        mixed = (weighted * keep).sum(0)
+        divisor = (w * keep).sum(0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(0)
+        divisor = w.sum()
+        divisor = divisor if divisor.abs() >= 1e-8 else torch.ones_like(divisor)
+    if normalize:
+        mixed = mixed / divisor
+    return base + lam * mixed
+
+
+class _Family(Method):
+    needs_base = True
+    elect: ClassVar[bool]
+    per_expert = frozenset({"weight", "density", "gamma", "epsilon"})
+
+    def sparsify(self, delta: torch.Tensor, p, ctx: TensorContext, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, base, experts, params, ctx):
+        deltas = [self.sparsify(e - base, p, ctx, i) for i, (e, p) in enumerate(zip(experts, params, strict=True))]
+        p0 = params[0]
+        return combine(
+            base, deltas, [p.weight for p in params], elect=self.elect, normalize=p0.normalize, lam=p0.lambda_
+        )
+
+
+class _TopK(_Family):
+    def sparsify(self, delta, p, ctx, i):
+        return delta * sp.topk_mask(delta, p.density)
+
+
+class _Dare(_Family):
+    def sparsify(self, delta, p, ctx, i):
+        if p.density >= 1:
+            return delta
+        probs = sp.bernoulli_probs(delta, p.density)
+        mask = sp.sample(probs, ctx.generator(i))
+        return sp.rescale(delta * mask, delta, mask, probs, p.rescale)
+
+
+class _Breadcrumbs(_Family):
+    def sparsify(self, delta, p, ctx, i):
+        return delta * sp.breadcrumbs_mask(delta, p.density, p.gamma)
+
+
+class _Della(_Family):
+    def sparsify(self, delta, p, ctx, i):
+        if p.density >= 1:
+            return delta
+        probs = sp.della_probs(delta, p.density, p.epsilon)
+        mask = sp.sample(probs, ctx.generator(i))
+        return sp.rescale(delta * mask, delta, mask, probs, p.rescale)
+
+
+class _Common(MethodParams):
+    weight: float = 1.0
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+@register
+class Ties(_TopK):
+    name = "ties"
+    elect = True
+
+    class Params(_Common):
+        density: float = Field(0.2, ge=0, le=1)
+        normalize: bool = True
+        scope: Literal["tensor", "global"] = "tensor"
+
+
+@register
+class DareLinear(_Dare):
+    name = "dare_linear"
+    elect = False
+
+    class Params(_Common):
+        density: float = Field(0.5, gt=0, le=1)
+        rescale: Rescale = "inverse"
+        normalize: bool = False
+
+
+@register
+class DareTies(_Dare):
+    name = "dare_ties"
+    elect = True
+
+    class Params(_Common):
+        density: float = Field(0.5, gt=0, le=1)
+        rescale: Rescale = "inverse"
+        normalize: bool = True
+
+
+@register
+class Breadcrumbs(_Breadcrumbs):
+    name = "breadcrumbs"
+    elect = False
+
+    class Params(_Common):
+        density: float = Field(0.9, ge=0, le=1)
+        gamma: float = Field(0.01, ge=0, le=1)
+        normalize: bool = False
+
+
+@register
+class BreadcrumbsTies(_Breadcrumbs):
+    name = "breadcrumbs_ties"
+    elect = True
+
+    class Params(_Common):
+        density: float = Field(0.9, ge=0, le=1)
+        gamma: float = Field(0.01, ge=0, le=1)
+        normalize: bool = True
+
+
+@register
+class Della(_Della):
+    name = "della"
+    elect = True
+
+    class Params(_Common):
+        density: float = Field(0.7, gt=0, le=1)
+        epsilon: float = Field(0.14, ge=0, lt=1)
+        rescale: Rescale = "inverse"
+        normalize: bool = True
+
+
+@register
+class DellaLinear(_Della):
+    name = "della_linear"
+    elect = False
+
+    class Params(_Common):
+        density: float = Field(0.7, gt=0, le=1)
+        epsilon: float = Field(0.14, ge=0, lt=1)
+        rescale: Rescale = "inverse"
+        normalize: bool = False

@@ -1,0 +1,184 @@
+"""Pydantic models of the YAML users write, and the import of mergekit YAML.
+
+mergescale's own merge spec::
+
+    method: ties
+    base: /models/base               # needed by task-vector methods
+    experts:
+      - /models/math                 # a path, or a mapping with per-expert parameters
+      - model: /models/code
+        parameters: {weight: 0.7}
+    parameters:                      # scalar, list over layers, or per submodule
+      density: 0.2
+      lambda: {attention: 0.8, default: 1.0}
+    seed: 0                          # seeds DARE / DELLA masks, per tensor name
+    dtype: bfloat16                  # output dtype (default: the base's); compute is always fp32
+    tokenizer: base                  # whose tokenizer files are copied: base, or an expert's index
+
+A mergekit YAML (recognised by its ``merge_method`` key) is accepted unchanged for every
+method both tools implement; it is translated to the spec above with ``semantics:
+mergekit``, which applies mergekit's defaults instead of the papers' (see ``MERGEKIT``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergescale.errors import MergescaleError
+
+Setting = Any  # scalar | list over layers | {submodule: …} | [{filter, value}] — see merge_ops/granularity.py
+
+
+class ExpertSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
+class MergeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    base: str | None = None
+    experts: list[ExpertSpec] = Field(min_length=1)
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    seed: int = 0
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    tokenizer: Literal["base"] | int = "base"
+    semantics: Literal["mergescale", "mergekit"] = "mergescale"
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _paths(cls, v):
+        return [{"model": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
+
+
+#: mergekit's own defaults and names, applied to configs imported from mergekit YAML.
+#: Where a default differs from ALGORITHMS.md's paper default, the mergekit value is used.
+MERGEKIT: dict[str, dict[str, Any]] = {
+    "linear": {"normalize": True},
+    "task_arithmetic": {"normalize": False},
+    "ties": {"density": 1.0, "normalize": True},
+    "dare_linear": {"density": 1.0, "normalize": False, "rescale": "l1"},
+    "dare_ties": {"density": 1.0, "normalize": False, "rescale": "l1"},
+    "breadcrumbs": {"density": 1.0, "gamma": 0.01, "normalize": False},
+    "breadcrumbs_ties": {"density": 1.0, "gamma": 0.01, "normalize": False},
+    "della": {"density": 1.0, "epsilon": 0.15, "normalize": True, "rescale": "l1"},
+    "della_linear": {"density": 1.0, "epsilon": 0.15, "normalize": False, "rescale": "l1"},
+    "model_stock": {"clamp": False},
+    "slerp": {},
+    "nuslerp": {},
+    "multislerp": {},
+    "karcher": {},
+}
+_MERGEKIT_RENAMES = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
+_MERGEKIT_UNSUPPORTED = {"int8_mask"}  # accepted and ignored: a memory option of mergekit, no effect on values
+
+
+def _mergekit_param(method: str, key: str, value: Setting) -> tuple[str, Setting]:
+    key = _MERGEKIT_RENAMES.get(key, key)
+    if key == "rescale" and isinstance(value, bool):
+        value = "l1" if value else "none"
+    return key, value
+
+
+def from_mergekit(raw: dict, source: str) -> MergeSpec:
+    """Translate an unmodified mergekit YAML into a MergeSpec with mergekit semantics."""
+    method = raw.get("merge_method")
+    if "slices" in raw or "modules" in raw:
+        raise MergescaleError(
+            f"{source}: mergekit `slices:` / `modules:` configs are not supported; "
+            "list whole models under `models:` instead"
+        )
+    if method not in MERGEKIT:
+        raise MergescaleError(
+            f"{source}: merge_method {method!r} is not one mergescale imports from mergekit; "
+            f"supported: {', '.join(MERGEKIT)}"
+        )
+    unknown = set(raw) - {
+        "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+        "tokenizer", "chat_template", "name",
+    }  # fmt: skip
+    if unknown:
+        raise MergescaleError(f"{source}: unknown mergekit key(s) {sorted(unknown)}")
+
+    def params(d: dict | None) -> dict:
+        out = {}
+        for k, v in (d or {}).items():
+            if k in _MERGEKIT_UNSUPPORTED:
+                continue
+            k, v = _mergekit_param(method, k, v)
+            out[k] = v
+        return out
+
+    base = raw.get("base_model")
+    experts = []
+    for entry in raw.get("models") or []:
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise MergescaleError(f"{source}: every entry of `models:` needs a `model:` key")
+        if base is not None and entry["model"] == base:
+            continue  # mergekit lets the base appear among the models; it is the base here
+        experts.append({"model": entry["model"], "parameters": params(entry.get("parameters"))})
+    dtype = raw.get("out_dtype") or raw.get("dtype")
+    tok = raw.get("tokenizer_source")
+    if tok not in (None, "base"):
+        raise MergescaleError(f"{source}: tokenizer_source {tok!r} is not supported; use `base` or leave it out")
+    return _validate(
+        {
+            "method": method,
+            "base": base,
+            "experts": experts,
+            "parameters": {**MERGEKIT[method], **params(raw.get("parameters"))},
+            "dtype": dtype,
+            "semantics": "mergekit",
+        },
+        source,
+    )
+
+
+def _validate(raw: dict, source: str) -> MergeSpec:
+    try:
+        return MergeSpec.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        raise MergescaleError(f"{source}: key `{key}`: {e['msg']}") from None
+
+
+def load_merge_spec(path: Path | str) -> MergeSpec:
+    """Read a merge config: mergescale's spec or an unmodified mergekit YAML."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MergescaleError(f"{path}: no such file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise MergescaleError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise MergescaleError(
+            f"{path}: a merge config is a YAML mapping with `method:` (or mergekit's `merge_method:`)"
+        )
+    if "merge_method" in raw:
+        spec = from_mergekit(raw, str(path))
+    else:
+        spec = _validate(raw, str(path))
+    return _relative_to(spec, path.parent)
+
+
+def _relative_to(spec: MergeSpec, root: Path) -> MergeSpec:
+    """Model paths in a config are relative to the config's directory (absolute paths stay)."""
+
+    def fix(p: str) -> str:
+        return p if Path(p).is_absolute() else str((root / p).resolve()) if (root / p).exists() else p
+
+    return spec.model_copy(
+        update={
+            "base": fix(spec.base) if spec.base else None,
+            "experts": [e.model_copy(update={"model": fix(e.model)}) for e in spec.experts],
+        }
+    )

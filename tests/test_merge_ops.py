@@ -1,0 +1,172 @@
+"""Merge methods on small tensors: hand-computed expectations and properties."""
+
+import math
+
+import pytest
+import torch
+
+from mergescale.merge_ops import METHODS, TensorContext, get_method
+from mergescale.merge_ops import sparsify as sp
+
+CTX = TensorContext("model.layers.0.mlp.up_proj.weight", seed=0)
+
+
+def run(name, base, experts, per_expert=None, ctx=CTX, **params):
+    m = get_method(name)
+    per_expert = per_expert or [{} for _ in experts]
+    ps = [m.Params.model_validate({**params, **pe}) for pe in per_expert]
+    return m.merge(base, experts, ps, ctx)
+
+
+def test_linear_and_task_arithmetic():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+    assert torch.equal(run("linear", None, [a, b], [{"weight": 1}, {"weight": 3}]), torch.tensor([2.5, 5.0]))
+    assert torch.equal(run("linear", None, [a, b], normalize=False), torch.tensor([4.0, 8.0]))
+    base = torch.tensor([1.0, 1.0])
+    assert torch.equal(run("task_arithmetic", base, [a, b], **{"lambda": 0.5}), torch.tensor([2.0, 4.0]))
+    # negation (weight −1) and an analogy C + B − A
+    assert torch.equal(run("task_arithmetic", base, [a], [{"weight": -1}]), torch.tensor([1.0, 0.0]))
+    c = torch.tensor([0.0, 5.0])
+    got = run("task_arithmetic", base, [c, b, a], [{"weight": 1}, {"weight": 1}, {"weight": -1}])
+    assert torch.equal(got, c + b - a)
+
+
+def test_ties_trims_elects_signs_and_takes_the_disjoint_mean():
+    base = torch.zeros(4)
+    e1 = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    e2 = torch.tensor([-1.0, 1.0, 2.0, -4.0])
+    # top-50 %: e1 -> [0, -2, 3, 0], e2 -> [0, 0, 2, -4]; signs of the sums: +, -, +, -
+    got = run("ties", base, [e1, e2], density=0.5)
+    assert torch.equal(got, torch.tensor([0.0, -2.0, 2.5, -4.0]))
+    # without trimming: element 0 sums to 0 -> sign +, only e1's +1 agrees
+    got = run("ties", base, [e1, e2], density=1.0)
+    assert torch.equal(got, torch.tensor([1.0, -2.0, 2.5, -4.0]))
+    # normalize=false sums the agreeing values instead of averaging them
+    got = run("ties", base, [e1, e2], density=1.0, normalize=False)
+    assert torch.equal(got, torch.tensor([1.0, -2.0, 5.0, -4.0]))
+
+
+def test_topk_is_exact_with_ties_broken_by_index():
+    x = torch.tensor([1.0, -3.0, 3.0, 2.0, 3.0, 0.0])
+    assert sp.topk_mask(x, 0.5).tolist() == [False, True, True, False, True, False]
+    assert sp.topk_mask(x, 2 / 6).tolist() == [False, True, True, False, False, False]
+    assert int(sp.topk_mask(torch.randn(1000), 0.2).sum()) == 200
+
+
+def test_dare_is_unbiased_over_seeds_and_seeded_by_tensor_name():
+    base = torch.zeros(2000)
+    expert = torch.randn(2000, generator=torch.Generator().manual_seed(1))
+    outs = torch.stack(
+        [run("dare_linear", base, [expert], ctx=TensorContext("w", seed=s), density=0.3) for s in range(300)]
+    )
+    kept = (outs[0] != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.05
+    assert torch.allclose(outs[0][outs[0] != 0], expert[outs[0] != 0] / 0.3)
+    assert (outs.mean(0) - expert).abs().mean() < 0.1 * expert.abs().mean()
+    again = run("dare_linear", base, [expert], ctx=TensorContext("w", seed=0), density=0.3)
+    assert torch.equal(again, outs[0])
+    other = run("dare_linear", base, [expert], ctx=TensorContext("v", seed=0), density=0.3)
+    assert not torch.equal(other, outs[0])
+
+
+def test_breadcrumbs_drops_outliers_and_the_smallest():
+    x = torch.arange(1, 101, dtype=torch.float32)
+    mask = sp.breadcrumbs_mask(x, density=0.9, gamma=0.01)
+    assert mask.sum() == 90
+    assert not mask[-1] and not mask[:9].any() and mask[9:99].all()
+    got = run("breadcrumbs", torch.zeros(100), [x], density=0.9, gamma=0.01)
+    assert torch.equal(got, x * mask)
+
+
+def test_della_keep_probability_rises_with_magnitude_rank():
+    x = torch.tensor([[0.1, -0.4, 0.3, 0.2, -0.5]])
+    p = sp.della_probs(x, density=0.5, epsilon=0.2)
+    ranks = torch.tensor([[0, 3, 2, 1, 4]], dtype=torch.float32)
+    assert torch.allclose(p, 0.3 + 0.4 * ranks / 4)
+    big = torch.randn(200, 300, generator=torch.Generator().manual_seed(0))
+    out = run("della_linear", torch.zeros_like(big), [big], density=0.7, epsilon=0.14)
+    assert abs((out != 0).float().mean().item() - 0.7) < 0.02
+    kept = out != 0
+    probs = sp.della_probs(big, 0.7, 0.14)
+    assert torch.allclose(out[kept], big[kept] / probs[kept])
+
+
+def test_model_stock_t_follows_the_agreement_of_task_vectors():
+    base = torch.zeros(2)
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # orthogonal task vectors: c = 0 -> t = 0 -> the base
+    assert torch.equal(run("model_stock", base, [e1, e2]), base)
+    # cos = 0.6 -> t = 2*0.6 / 1.6 = 0.75
+    e3 = torch.tensor([0.6, 0.8])
+    got = run("model_stock", base, [e1, e3])
+    assert torch.allclose(got, 0.75 * (e1 + e3) / 2)
+    # opposite task vectors: t < 0 is clamped to 0 (mergekit semantics keep it)
+    assert torch.equal(run("model_stock", base, [e1, -e1]), base)
+
+
+def test_slerp_endpoints_and_midpoint():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert torch.allclose(run("slerp", a, [b], t=0.0), a)
+    assert torch.allclose(run("slerp", a, [b], t=1.0), b)
+    assert torch.allclose(run("slerp", a, [b], t=0.5), torch.tensor([1.0, 1.0]) / math.sqrt(2))
+    # (anti)parallel inputs fall back to linear interpolation
+    assert torch.allclose(run("slerp", a, [2 * a], t=0.5), 1.5 * a)
+
+
+def test_karcher_and_multislerp_on_orthogonal_vectors():
+    a, b = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+    want = torch.tensor([1.0, 1.0]) * (2 / math.sqrt(2))
+    assert torch.allclose(run("karcher", None, [a, b]), want, atol=1e-5)
+    assert torch.allclose(run("multislerp", None, [a, b]), want, atol=1e-5)
+    got = run("nuslerp", None, [a, b], [{"weight": 1}, {"weight": 1}])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+#: methods whose default combines task vectors by a plain sum (no normalization, no election)
+SUMMING = {"task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_identical_experts_give_the_expert(name):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 16, generator=g)
+    expert = base + 0.01 * torch.randn(8, 16, generator=g)
+    m = get_method(name)
+    n = m.n_experts or 3
+    params = {"t": 1.0} if name == "slerp" else {}
+    if "density" in m.Params.model_fields:
+        params["density"] = 1.0
+    got = run(name, base if m.needs_base else None, [expert.clone() for _ in range(n)], **params)
+    want = base + n * (expert - base) if name in SUMMING else expert
+    assert torch.allclose(got, want, atol=1e-5), name
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "linear"])
+def test_one_expert_with_weight_one_gives_the_expert(name):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(32, generator=g)
+    expert = base + torch.randn(32, generator=g)
+    params = {"density": 1.0} if "density" in get_method(name).Params.model_fields else {}
+    assert torch.allclose(run(name, base, [expert], **params), expert, atol=1e-6)
+
+
+def test_results_do_not_depend_on_tensor_order():
+    g = torch.Generator().manual_seed(2)
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(16, 16, generator=g) for i in range(4)}
+    base = {k: torch.zeros_like(v) for k, v in tensors.items()}
+
+    def merge_all(order):
+        return {
+            k: run("dare_ties", base[k], [tensors[k], -tensors[k] * 0.5], ctx=TensorContext(k, seed=7)) for k in order
+        }
+
+    names = list(tensors)
+    a, b = merge_all(names), merge_all(reversed(names))
+    assert all(torch.equal(a[k], b[k]) for k in names)
+
+
+def test_unknown_method_is_a_user_error():
+    from mergescale.errors import MergescaleError
+
+    with pytest.raises(MergescaleError, match="unknown merge method 'tie'"):
+        get_method("tie")
