@@ -300,3 +300,31 @@ def _write(tmp: Path, spec: dict) -> Path:
     path = tmp / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def test_reduce_map_methods_on_the_zoo(tiny_zoo, tmp_path):
+    base = ModelDir(tiny_zoo.base)
+    experts = [ModelDir(tiny_zoo.experts[t]) for t in ("upper", "digit")]
+    names = base.names
+    sq = [sum(float((e.tensor(n).double() - base.tensor(n).double()).square().sum()) for n in names) for e in experts]
+    lam = [s / sum(sq) for s in sq]
+    spec = {"method": "metagpt", "base": str(base.path), "experts": [str(e.path) for e in experts]}
+    run_merge(load_merge_spec(_write(tmp_path, spec)), tmp_path / "metagpt", progress=False)
+    out = ModelDir(tmp_path / "metagpt")
+    for n in names:
+        want = base.tensor(n) + sum(w * (e.tensor(n) - base.tensor(n)) for w, e in zip(lam, experts, strict=True))
+        assert torch.allclose(out.tensor(n), want, atol=1e-6), n
+
+    # TIES with scope: global keeps exactly int(d * N) entries of the whole task vector
+    spec = {"method": "ties", "base": str(base.path), "experts": [str(experts[0].path)],
+            "parameters": {"density": 0.1, "scope": "global"}}  # fmt: skip
+    run_merge(load_merge_spec(_write(tmp_path, spec)), tmp_path / "ties", progress=False)
+    out = ModelDir(tmp_path / "ties")
+    total = sum(base.tensor(n).numel() for n in names)
+    kept = sum(int((out.tensor(n) != base.tensor(n)).sum()) for n in names)
+    assert kept == int(0.1 * total)
+
+    spec = {"method": "awd", "base": str(base.path), "experts": [str(e.path) for e in experts],
+            "parameters": {"steps": 20, "lambda": 0.5}}  # fmt: skip
+    run_merge(load_merge_spec(_write(tmp_path, spec)), tmp_path / "awd", progress=False)
+    assert all(torch.isfinite(ModelDir(tmp_path / "awd").tensor(n)).all() for n in names)

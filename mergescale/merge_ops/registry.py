@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -39,10 +39,16 @@ class MethodParams(BaseModel):
 
 @dataclass(frozen=True)
 class TensorContext:
-    """What a method may know about the tensor it merges besides its values."""
+    """What a method may know about the tensor it merges besides its values.
+
+    ``stats`` is the reduced result of the method's statistics passes (None without them);
+    ``order`` is the tensor's position in the model's sorted tensor names (for global tie-breaks).
+    """
 
     name: str
     seed: int = 0
+    stats: Any = None
+    order: int = 0
 
     def generator(self, expert: int) -> torch.Generator:
         """A generator seeded by (seed, tensor name, expert index): masks never depend on sharding."""
@@ -54,8 +60,6 @@ class Method:
     name: ClassVar[str]
     #: whether the method needs the base model θ0 (task-vector methods do)
     needs_base: ClassVar[bool] = True
-    #: whether a statistics (reduce) pass over the whole model must run before the map pass
-    needs_stats: ClassVar[bool] = False
     #: parameters that may take a different value per expert
     per_expert: ClassVar[frozenset[str]] = frozenset({"weight"})
     #: number of experts the method accepts (None = any number ≥ 1)
@@ -71,6 +75,20 @@ class Method:
         params: list[MethodParams],
         ctx: TensorContext,
     ) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- reduce → map: statistics passes over the whole model, before the merge pass
+
+    def stats_passes(self, params: list[MethodParams]) -> int:
+        """How many statistics passes run before the merge pass (0: a pure per-tensor map)."""
+        return 0
+
+    def tensor_stats(self, step: int, base, experts, params, ctx: TensorContext) -> Any:
+        """Pass ``step``'s small statistics of one tensor (``ctx.stats`` holds the previous passes' result)."""
+        raise NotImplementedError
+
+    def reduce(self, step: int, per_tensor: dict[str, Any], previous: Any) -> Any:
+        """Combine pass ``step``'s per-tensor statistics (keyed by tensor name) into the new state."""
         raise NotImplementedError
 
 

@@ -77,3 +77,57 @@ def rescale(masked: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, pr
             return masked
         return masked * (before / after).to(masked.dtype)
     raise ValueError(f"unknown rescale {how!r}")
+
+
+# ------------------------------------------------ exact top-k over a whole model (TIES, scope: global)
+# Magnitudes are non-negative floats, whose fp32 bit patterns sort like the values.  Pass 1
+# histograms the top 16 bits of every tensor's pattern; the bin holding the k-th largest is
+# found from the summed histogram; pass 2 collects only that bin's values, which fixes the
+# exact threshold and, for equal magnitudes, which ones are kept (model order: sorted tensor
+# name, then flat index).
+
+BINS = 1 << 15
+
+
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().to(torch.float32).reshape(-1).view(torch.int32)
+
+
+def bit_histogram(x: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(magnitude_bits(x) >> 16, minlength=BINS)
+
+
+def boundary_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest magnitude, how many to keep inside that bin)."""
+    from_top = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # count in bins >= b
+    b = int(torch.nonzero(from_top >= k).max())
+    above = int(from_top[b + 1]) if b + 1 < len(hist) else 0
+    return b, k - above
+
+
+def bin_values(x: torch.Tensor, b: int) -> torch.Tensor:
+    """The bit patterns of ``x``'s magnitudes that fall in bin ``b`` (in flat-index order)."""
+    bits = magnitude_bits(x)
+    return bits[(bits >> 16) == b]
+
+
+def global_threshold(per_tensor: list[torch.Tensor], need: int) -> tuple[int, list[int]]:
+    """Threshold pattern and, per tensor (model order), how many of its elements equal to it are kept."""
+    allbits = torch.cat(per_tensor)
+    ordered = torch.sort(allbits, descending=True, stable=True).values
+    thr = int(ordered[need - 1])
+    equal_kept = int((ordered[:need] == thr).sum())
+    counts = []
+    for bits in per_tensor:
+        here = min(int((bits == thr).sum()), equal_kept)
+        counts.append(here)
+        equal_kept -= here
+    return thr, counts
+
+
+def threshold_mask(x: torch.Tensor, thr: int, equal_keep: int) -> torch.Tensor:
+    bits = magnitude_bits(x)
+    mask = bits > thr
+    if equal_keep > 0:
+        mask[torch.nonzero(bits == thr).reshape(-1)[:equal_keep]] = True
+    return mask.reshape(x.shape)

@@ -98,6 +98,10 @@ class _Common(MethodParams):
 
 @register
 class Ties(_TopK):
+    """TIES.  ``scope: tensor`` trims each task vector per tensor (mergekit's choice);
+    ``scope: global`` keeps each expert's top-d magnitudes over its whole task vector (the
+    paper's), found exactly by two statistics passes without materializing the model."""
+
     name = "ties"
     elect = True
 
@@ -105,6 +109,46 @@ class Ties(_TopK):
         density: float = Field(0.2, ge=0, le=1)
         normalize: bool = True
         scope: Literal["tensor", "global"] = "tensor"
+
+    def stats_passes(self, params):
+        return 2 if params[0].scope == "global" else 0
+
+    def tensor_stats(self, step, base, experts, params, ctx):
+        deltas = [e - base for e in experts]
+        if step == 0:
+            return [(sp.bit_histogram(d), d.numel(), p.density) for d, p in zip(deltas, params, strict=True)]
+        return [sp.bin_values(d, b) for d, (b, _) in zip(deltas, ctx.stats["bins"], strict=True)]
+
+    def reduce(self, step, per_tensor, previous):
+        names = sorted(per_tensor)
+        n_experts = len(per_tensor[names[0]])
+        if step == 0:
+            bins = []
+            for i in range(n_experts):
+                hist = sum(per_tensor[n][i][0] for n in names)
+                total = sum(per_tensor[n][i][1] for n in names)
+                k = int(per_tensor[names[0]][i][2] * total)
+                bins.append((-1, 0) if k <= 0 else (BINS_ALL, 0) if k >= total else sp.boundary_bin(hist, k))
+            return {"bins": bins}
+        keep = []
+        for i, (b, need) in enumerate(previous["bins"]):
+            if b == -1:  # keep nothing
+                keep.append(((1 << 31) - 1, dict.fromkeys(names, 0)))
+            elif b == BINS_ALL:  # keep everything
+                keep.append((-1, dict.fromkeys(names, 0)))
+            else:
+                thr, counts = sp.global_threshold([per_tensor[n][i] for n in names], need)
+                keep.append((thr, dict(zip(names, counts, strict=True))))
+        return {"bins": previous["bins"], "keep": keep}
+
+    def sparsify(self, delta, p, ctx, i):
+        if p.scope == "tensor":
+            return super().sparsify(delta, p, ctx, i)
+        thr, counts = ctx.stats["keep"][i]
+        return delta * sp.threshold_mask(delta, thr, counts[ctx.name])
+
+
+BINS_ALL = sp.BINS  # a sentinel bin index: keep every element
 
 
 @register

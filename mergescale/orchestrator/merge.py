@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -48,6 +49,11 @@ class MergePlan:
     out_dtype: torch.dtype
     allow_pickle: bool = False
     vocab_rows: dict[str, int] = field(default_factory=dict)  # tensors whose row count differs between inputs
+
+    @cached_property
+    def order(self) -> dict[str, int]:
+        """Each tensor's position among the model's sorted tensor names (global tie-breaks)."""
+        return {n: i for i, n in enumerate(sorted(n for s in self.shards for n in s.names))}
 
     @property
     def sources(self) -> list[Path]:
@@ -195,36 +201,67 @@ def _read(model: ModelDir, name: str) -> torch.Tensor:
     return t
 
 
-def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str) -> torch.Tensor:
-    """Merge one tensor: read every input in fp32, apply the method, cast once to the output dtype."""
-    spec = plan.spec
-    method = get_method(spec.method)
-    has_base = plan.base is not None
+@dataclass
+class _Inputs:
+    tensors: list[torch.Tensor]  # as read (fp32 for float tensors), full rows
+    base: torch.Tensor | None  # common rows only
+    experts: list[torch.Tensor]
+    params: list[MethodParams]
+    rows: int | None  # common vocabulary rows, when the inputs' rows differ
+
+
+def _inputs(plan: MergePlan, models: list[ModelDir], name: str) -> _Inputs:
     tensors = [_read(m, name) for m in models]
-    if not tensors[0].is_floating_point():
-        return tensors[0]  # integer / boolean buffers are copied from the base (or the first model)
-    site = locate(name, plan.num_layers)
-    params = params_for(spec, site)
+    params = params_for(plan.spec, locate(name, plan.num_layers)) if tensors[0].is_floating_point() else []
     rows = min(t.shape[0] for t in tensors) if name in plan.vocab_rows else None
-    inputs = [t[:rows] for t in tensors] if rows is not None else tensors
-    base = inputs[0] if has_base else None
-    experts = inputs[1:] if has_base else inputs
-    merged = method.merge(base, experts, params, TensorContext(name=name, seed=spec.seed))
-    if rows is not None:  # rows beyond the common vocabulary come from the model that has them, base first
+    common = [t[:rows] for t in tensors] if rows is not None else tensors
+    has_base = plan.base is not None
+    return _Inputs(tensors, common[0] if has_base else None, common[1:] if has_base else common, params, rows)
+
+
+def tensor_stats(plan: MergePlan, models: list[ModelDir], name: str, step: int, state) -> object | None:
+    """One tensor's statistics for pass ``step`` (None for non-float tensors, which are never merged)."""
+    x = _inputs(plan, models, name)
+    if not x.tensors[0].is_floating_point():
+        return None
+    ctx = TensorContext(name=name, seed=plan.spec.seed, stats=state, order=plan.order[name])
+    return get_method(plan.spec.method).tensor_stats(step, x.base, x.experts, x.params, ctx)
+
+
+def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str, state=None) -> torch.Tensor:
+    """Merge one tensor: read every input in fp32, apply the method, cast once to the output dtype."""
+    x = _inputs(plan, models, name)
+    if not x.tensors[0].is_floating_point():
+        return x.tensors[0]  # integer / boolean buffers are copied from the base (or the first model)
+    ctx = TensorContext(name=name, seed=plan.spec.seed, stats=state, order=plan.order[name])
+    merged = get_method(plan.spec.method).merge(x.base, x.experts, x.params, ctx)
+    if x.rows is not None:  # rows beyond the common vocabulary come from the model that has them, base first
         full = torch.empty((plan.vocab_rows[name], *merged.shape[1:]), dtype=merged.dtype)
-        full[:rows] = merged
-        for r0 in range(rows, full.shape[0]):
-            src = next(t for t in tensors if t.shape[0] > r0)
-            full[r0] = src[r0]
+        full[: x.rows] = merged
+        for r in range(x.rows, full.shape[0]):
+            full[r] = next(t for t in x.tensors if t.shape[0] > r)[r]
         merged = full
     return merged.to(plan.out_dtype)
 
 
-def merge_shard(plan: MergePlan, index: int, staging: Path) -> ShardInfo:
+def run_stats(plan: MergePlan) -> object | None:
+    """The reduce passes of a reduce → map method: per-tensor statistics, combined after each pass."""
+    method = get_method(plan.spec.method)
+    names = [n for shard in plan.shards for n in shard.names]
+    passes = method.stats_passes(params_for(plan.spec, locate(names[0], plan.num_layers)))
+    models = _models(plan.sources, plan.allow_pickle)
+    state = None
+    for step in range(passes):
+        per_tensor = {n: tensor_stats(plan, models, n, step, state) for n in names}
+        state = method.reduce(step, {n: v for n, v in per_tensor.items() if v is not None}, state)
+    return state
+
+
+def merge_shard(plan: MergePlan, index: int, staging: Path, state=None) -> ShardInfo:
     """Merge one shard's tensors and write them as one safetensors file in ``staging``."""
     models = _models(plan.sources, plan.allow_pickle)
     shard = plan.shards[index]
-    out = {name: merge_tensor(plan, models, name) for name in shard.names}
+    out = {name: merge_tensor(plan, models, name, state) for name in shard.names}
     return write_shard(staging, shard_file(index, len(plan.shards)), out)
 
 
@@ -271,11 +308,12 @@ def run_merge(spec: MergeSpec, out: Path, allow_pickle: bool = False, progress: 
     try:
         from rich.progress import Progress
 
+        state = run_stats(plan)
         shards = []
         with Progress(disable=not progress) as bar:
             job = bar.add_task(f"merging ({spec.method})", total=len(plan.shards))
             for i in range(len(plan.shards)):
-                shards.append(merge_shard(plan, i, staging))
+                shards.append(merge_shard(plan, i, staging, state))
                 bar.advance(job)
         tokenizer_from = plan.sources[0] if spec.tokenizer == "base" else plan.experts[int(spec.tokenizer)]
         return publish(staging, out, shards, plan.config, tokenizer_from, model_card(plan, shards), plan.sources[0])
