@@ -4,7 +4,8 @@ task vectors before task arithmetic, chosen to make them as orthogonal as possib
 δ (init 0, fp32) minimizes  mean over pairs i≠j of |cos(τi − δ, τj − δ)| + α‖δ‖₂ / mean‖τi‖₂
 (|x| smoothed near 0) with Adam.  The norm penalty is taken relative to the mean task-vector norm
 so that α is scale-free: with the raw ‖δ‖₂ the penalty outweighs the cosine term (≤ 1) as soon as
-the task vectors' norms exceed ~1/α, as they do for any real model, and δ stays at 0; the merge is then θ0 + λ Σ wi (τi − δ).  ``scope: global`` (default) fits one δ
+the task vectors' norms exceed ~1/α, as they do for any real model, and δ stays at 0.
+The merge is then θ0 + λ Σ wi (τi − δ).  ``scope: global`` (default) fits one δ
 over the whole model: its statistics pass holds every task vector in memory (n × model size), so
 for models that do not fit use ``scope: tensor``, which fits δ per tensor and streams.
 Defaults (α 0.1, 300 steps, lr 0.01) come from a reimplementation; the paper body was not available.
