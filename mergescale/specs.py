@@ -119,13 +119,15 @@ def from_mergekit(raw: dict, source: str) -> MergeSpec:
     for entry in raw.get("models") or []:
         if not isinstance(entry, dict) or "model" not in entry:
             raise MergescaleError(f"{source}: every entry of `models:` needs a `model:` key")
-        if base is not None and entry["model"] == base:
+        if base is not None and entry["model"] == base and method != "linear":
             continue  # mergekit lets the base appear among the models; it is the base here
         experts.append({"model": entry["model"], "parameters": params(entry.get("parameters"))})
     dtype = raw.get("out_dtype") or raw.get("dtype")
     tok = raw.get("tokenizer_source")
     if tok not in (None, "base"):
         raise MergescaleError(f"{source}: tokenizer_source {tok!r} is not supported; use `base` or leave it out")
+    if method == "linear":
+        base = None  # mergekit's linear averages exactly the listed models, the base among them if listed
     return _validate(
         {
             "method": method,
@@ -164,17 +166,15 @@ def load_merge_spec(path: Path | str) -> MergeSpec:
             f"{path}: a merge config is a YAML mapping with `method:` (or mergekit's `merge_method:`)"
         )
     if "merge_method" in raw:
-        spec = from_mergekit(raw, str(path))
-    else:
-        spec = _validate(raw, str(path))
-    return _relative_to(spec, path.parent)
+        return from_mergekit(raw, str(path))  # paths relative to the working directory, as in mergekit
+    return _relative_to(_validate(raw, str(path)), path.parent)
 
 
 def _relative_to(spec: MergeSpec, root: Path) -> MergeSpec:
-    """Model paths in a config are relative to the config's directory (absolute paths stay)."""
+    """Model paths in a mergescale spec are relative to the spec's directory (absolute paths stay)."""
 
     def fix(p: str) -> str:
-        return p if Path(p).is_absolute() else str((root / p).resolve()) if (root / p).exists() else p
+        return p if Path(p).is_absolute() else str((root / p).resolve())
 
     return spec.model_copy(
         update={

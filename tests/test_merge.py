@@ -48,7 +48,10 @@ def configs(zoo) -> dict[str, dict]:
 
     three = ["upper", "shift1", "atbash"]
     return {
-        "linear": {"merge_method": "linear", "models": models(["upper", "rot13"], weight=[1.0, 2.0])},
+        "linear": {
+            "merge_method": "linear", "base_model": b,
+            "models": [{"model": b, "parameters": {"weight": 0.5}}, *models(["upper", "rot13"], weight=[1.0, 2.0])],
+        },
         "task_arithmetic": {
             "merge_method": "task_arithmetic", "base_model": b,
             "models": models(three, weight=[1.0, 0.5, -0.3]), "parameters": {"lambda": 0.7},
@@ -328,3 +331,14 @@ def test_reduce_map_methods_on_the_zoo(tiny_zoo, tmp_path):
             "parameters": {"steps": 20, "lambda": 0.5}}  # fmt: skip
     run_merge(load_merge_spec(_write(tmp_path, spec)), tmp_path / "awd", progress=False)
     assert all(torch.isfinite(ModelDir(tmp_path / "awd").tensor(n)).all() for n in names)
+
+
+def test_examples_run_as_documented(tiny_zoo, tmp_path, monkeypatch):
+    """The README's merge examples, run from a checkout whose zoo/ is the tiny zoo."""
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "examples", tmp_path / "examples")
+    (tmp_path / "zoo").symlink_to(tiny_zoo.root)
+    monkeypatch.chdir(tmp_path)
+    for example in ("merge_ties", "mergekit_slerp"):
+        out = run_merge(load_merge_spec(Path("examples") / f"{example}.yaml"), Path("merged") / example, progress=False)
+        assert (out / "model.safetensors.index.json").is_file()

@@ -114,6 +114,8 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
             f"got {len(spec.experts)}"
         )
     _check_per_expert(spec)
+    if spec.tokenizer != "base" and not 0 <= int(spec.tokenizer) < len(spec.experts):
+        raise MergescaleError(f"tokenizer: {spec.tokenizer} is not an expert index (0..{len(spec.experts) - 1})")
     paths = ([Path(spec.base)] if spec.base else []) + [Path(e.model) for e in spec.experts]
     for p in paths:
         if not p.exists():
