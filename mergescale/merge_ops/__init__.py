@@ -1,9 +1,15 @@
 """The merge math: pure torch functions on tensors, one file per method family. No Ray, no files.
 
-Importing this package registers every method (see ``registry.py``).
+Importing this package imports every module in it, which registers its methods (see
+``registry.py``): adding a method is adding one file.
 """
 
-from mergescale.merge_ops import awd, linear, metagpt, model_stock, spherical, svd, ties  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from mergescale.merge_ops.registry import METHODS, Method, MethodParams, TensorContext, get_method
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "Method", "MethodParams", "TensorContext", "get_method"]
