@@ -23,7 +23,11 @@ CHILD = """
 import json, resource, sys
 from mergescale.zoo.build import build_zoo, preset_spec
 zoo = build_zoo(preset_spec(sys.argv[1], seed=int(sys.argv[2])), out=sys.argv[3], progress=False)
+scores = zoo.meta["scores"]["test"]
+held_in = zoo.meta["tasks"]["held_in"]
 print(json.dumps({"hashes": zoo.meta["weights_sha256"],
+                  "min_expert_own": min(scores[t][t]["exact_match"] for t in held_in),
+                  "max_base_held_in": max(scores["base"][t]["exact_match"] for t in held_in),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -48,7 +52,11 @@ def main() -> None:
             out = json.loads(res.stdout.strip().splitlines()[-1])
             rss.append(out["peak_rss_mb"])
             hashes.append(out["hashes"])
-            print(f"run {i + 1}: {times[-1]:.1f} s, peak RSS {rss[-1]:.0f} MB", flush=True)
+            print(
+                f"run {i + 1}: {times[-1]:.1f} s, peak RSS {rss[-1]:.0f} MB; experts on their own task >= "
+                f"{out['min_expert_own']:.0%}, base on held-in <= {out['max_base_held_in']:.0%}",
+                flush=True,
+            )
     print(
         f"preset {args.preset}, seed {args.seed}, {os.cpu_count()} CPUs: median {statistics.median(times):.1f} s "
         f"(min {min(times):.1f}, max {max(times):.1f}) over {args.repeat} runs; peak RSS {max(rss):.0f} MB; "

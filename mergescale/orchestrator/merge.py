@@ -60,8 +60,8 @@ class MergePlan:
         return ([self.base] if self.base else []) + self.experts
 
 
-def _models(plan_or_paths, allow_pickle: bool) -> list[ModelDir]:
-    return [ModelDir(p, allow_pickle=allow_pickle) for p in plan_or_paths]
+def _models(paths, allow_pickle: bool) -> list[ModelDir]:
+    return [ModelDir(p, allow_pickle=allow_pickle) for p in paths]
 
 
 def params_for(spec: MergeSpec, site: TensorSite) -> list[MethodParams]:
