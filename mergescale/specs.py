@@ -75,10 +75,10 @@ MERGEKIT: dict[str, dict[str, Any]] = {
     "karcher": {},
 }
 _MERGEKIT_RENAMES = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
-_MERGEKIT_UNSUPPORTED = {"int8_mask"}  # accepted and ignored: a memory option of mergekit, no effect on values
+_MERGEKIT_IGNORED = {"int8_mask"}  # a memory option of mergekit with no effect on the values
 
 
-def _mergekit_param(method: str, key: str, value: Setting) -> tuple[str, Setting]:
+def _mergekit_param(key: str, value: Setting) -> tuple[str, Setting]:
     key = _MERGEKIT_RENAMES.get(key, key)
     if key == "rescale" and isinstance(value, bool):
         value = "l1" if value else "none"
@@ -98,9 +98,13 @@ def from_mergekit(raw: dict, source: str) -> MergeSpec:
             f"{source}: merge_method {method!r} is not one mergescale imports from mergekit; "
             f"supported: {', '.join(MERGEKIT)}"
         )
+    if "tokenizer" in raw:
+        raise MergescaleError(
+            f"{source}: mergekit's `tokenizer:` block (vocabulary merging) is not supported; "
+            "drop it to keep the base's tokenizer"
+        )
     unknown = set(raw) - {
-        "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-        "tokenizer", "chat_template", "name",
+        "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name",
     }  # fmt: skip
     if unknown:
         raise MergescaleError(f"{source}: unknown mergekit key(s) {sorted(unknown)}")
@@ -108,9 +112,9 @@ def from_mergekit(raw: dict, source: str) -> MergeSpec:
     def params(d: dict | None) -> dict:
         out = {}
         for k, v in (d or {}).items():
-            if k in _MERGEKIT_UNSUPPORTED:
+            if k in _MERGEKIT_IGNORED:
                 continue
-            k, v = _mergekit_param(method, k, v)
+            k, v = _mergekit_param(k, v)
             out[k] = v
         return out
 
