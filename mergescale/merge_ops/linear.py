@@ -59,8 +59,7 @@ class TaskArithmetic(Method):
 
     def merge(self, base, experts, params, ctx):
         weights = [p.weight for p in params]
-        delta = sum(w * (e - base) for w, e in zip(weights, experts, strict=True))
         total = sum(weights)
         if params[0].normalize and abs(total) >= 1e-8:
-            delta = delta / total
-        return base + params[0].lambda_ * delta
+            weights = [w / total for w in weights]
+        return task_arithmetic(base, experts, weights, params[0].lambda_)

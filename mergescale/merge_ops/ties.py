@@ -151,15 +151,33 @@ class Ties(_TopK):
 BINS_ALL = sp.BINS  # a sentinel bin index: keep every element
 
 
+class _DareParams(_Common):
+    density: float = Field(0.5, gt=0, le=1)
+    rescale: Rescale = "inverse"
+    normalize: bool = False
+
+
+class _BreadcrumbsParams(_Common):
+    density: float = Field(0.9, ge=0, le=1)
+    gamma: float = Field(0.01, ge=0, le=1)
+    normalize: bool = False
+
+
+class _DellaParams(_Common):
+    density: float = Field(0.7, gt=0, le=1)
+    epsilon: float = Field(0.14, ge=0, lt=1)
+    rescale: Rescale = "inverse"
+    normalize: bool = False
+
+
+# the *_ties variants elect signs and, in mergescale's own spec, take TIES' disjoint mean
+
+
 @register
 class DareLinear(_Dare):
     name = "dare_linear"
     elect = False
-
-    class Params(_Common):
-        density: float = Field(0.5, gt=0, le=1)
-        rescale: Rescale = "inverse"
-        normalize: bool = False
+    Params = _DareParams
 
 
 @register
@@ -167,9 +185,7 @@ class DareTies(_Dare):
     name = "dare_ties"
     elect = True
 
-    class Params(_Common):
-        density: float = Field(0.5, gt=0, le=1)
-        rescale: Rescale = "inverse"
+    class Params(_DareParams):
         normalize: bool = True
 
 
@@ -177,11 +193,7 @@ class DareTies(_Dare):
 class Breadcrumbs(_Breadcrumbs):
     name = "breadcrumbs"
     elect = False
-
-    class Params(_Common):
-        density: float = Field(0.9, ge=0, le=1)
-        gamma: float = Field(0.01, ge=0, le=1)
-        normalize: bool = False
+    Params = _BreadcrumbsParams
 
 
 @register
@@ -189,9 +201,7 @@ class BreadcrumbsTies(_Breadcrumbs):
     name = "breadcrumbs_ties"
     elect = True
 
-    class Params(_Common):
-        density: float = Field(0.9, ge=0, le=1)
-        gamma: float = Field(0.01, ge=0, le=1)
+    class Params(_BreadcrumbsParams):
         normalize: bool = True
 
 
@@ -200,10 +210,7 @@ class Della(_Della):
     name = "della"
     elect = True
 
-    class Params(_Common):
-        density: float = Field(0.7, gt=0, le=1)
-        epsilon: float = Field(0.14, ge=0, lt=1)
-        rescale: Rescale = "inverse"
+    class Params(_DellaParams):
         normalize: bool = True
 
 
@@ -211,9 +218,4 @@ class Della(_Della):
 class DellaLinear(_Della):
     name = "della_linear"
     elect = False
-
-    class Params(_Common):
-        density: float = Field(0.7, gt=0, le=1)
-        epsilon: float = Field(0.14, ge=0, lt=1)
-        rescale: Rescale = "inverse"
-        normalize: bool = False
+    Params = _DellaParams
