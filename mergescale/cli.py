@@ -9,8 +9,6 @@ from pathlib import Path
 
 from mergescale.errors import MergescaleError
 
-log = logging.getLogger("mergescale")
-
 NOT_YET = {
     "eval": "evaluate model directories on lm-eval tasks with the evaluator pool",
     "study": "run a study: many experts x many methods x held-in / held-out",

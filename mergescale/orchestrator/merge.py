@@ -10,7 +10,6 @@ other in this process; the sharded Ray engine runs the same ``merge_shard`` as R
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,7 +25,6 @@ from mergescale.merge_ops import MethodParams, TensorContext, get_method
 from mergescale.merge_ops.granularity import TensorSite, locate, resolve
 from mergescale.specs import MergeSpec
 
-log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ARCH_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "head_dim")  # fmt: skip
@@ -240,8 +238,11 @@ def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str, state=None)
     if x.rows is not None:  # rows beyond the common vocabulary come from the model that has them, base first
         full = torch.empty((plan.vocab_rows[name], *merged.shape[1:]), dtype=merged.dtype)
         full[: x.rows] = merged
-        for r in range(x.rows, full.shape[0]):
-            full[r] = next(t for t in x.tensors if t.shape[0] > r)[r]
+        filled = x.rows
+        for t in x.tensors:  # base first: each model fills the rows it has that nobody before it had
+            if t.shape[0] > filled:
+                full[filled : t.shape[0]] = t[filled:]
+                filled = t.shape[0]
         merged = full
     return merged.to(plan.out_dtype)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -13,7 +12,6 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from mergescale.zoo.tasks import Source
 from mergescale.zoo.tokenizer import EOS, PAD, vocab
 
-log = logging.getLogger(__name__)
 _VOCAB = vocab()
 
 
