@@ -113,6 +113,14 @@ class ModelDir:
             return self._pickled[name]
         return self._handle(self.weight_map[name]).get_tensor(name)
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (dimension 0), reading only those bytes."""
+        if name not in self.weight_map:
+            raise MergescaleError(f"{self.path}: tensor {name} is missing; is this model of the same architecture?")
+        if self._pickled is not None:
+            return self._pickled[name][start:stop]
+        return self._handle(self.weight_map[name]).get_slice(name)[start:stop]
+
 
 # ---------------------------------------------------------------- writing
 
@@ -138,7 +146,9 @@ def staging_dir(out: Path) -> Path:
 def write_shard(staging: Path, file: str, tensors: dict[str, torch.Tensor]) -> ShardInfo:
     """Write one safetensors shard (deterministic bytes) and return its name, tensors and sha256."""
     path = Path(staging) / file
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    partial = path.with_name(f".{file}.partial-{os.getpid()}")  # a killed writer leaves no file under `file`
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"format": "pt"})
+    os.replace(partial, path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -161,6 +171,8 @@ def publish(
 ) -> Path:
     """Write index, config, tokenizer files and model card into ``staging``, then rename it to ``out``."""
     staging, out = Path(staging), Path(out)
+    for stray in staging.glob(".*.partial-*"):  # left by a shard writer that was killed and retried
+        stray.unlink()
     weight_map = {name: s.file for s in shards for name in s.names}
     total = sum(s.nbytes for s in shards)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

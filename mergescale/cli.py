@@ -46,8 +46,17 @@ def _merge(args: argparse.Namespace) -> int:
     from mergescale.specs import load_merge_spec
 
     spec = load_merge_spec(args.config)
-    out = run_merge(spec, args.out, allow_pickle=args.allow_pickle, progress=not args.quiet)
-    print(out)
+    report = run_merge(
+        spec, args.out, allow_pickle=args.allow_pickle, progress=not args.quiet,
+        address=args.address, device=args.device, workers=args.workers,
+    )  # fmt: skip
+    if not args.quiet:
+        print(
+            f"merged {report.shards} shards in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s read) "
+            f"on {report.workers} worker(s), {report.nodes} node(s)",
+            file=sys.stderr,
+        )
+    print(report.path)
     return 0
 
 
@@ -96,6 +105,13 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, required=True, help="output model directory (must not exist or be empty)")
     m.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin checkpoints (they can run code)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument(
+        "--address",
+        help="Ray cluster to join (auto, HOST:PORT or ray://...; default: $RAY_ADDRESS, "
+        "else an embedded local Ray using this machine's cores)",
+    )
+    m.add_argument("--device", default="auto", help="auto (cuda when the cluster has GPUs) | cpu | cuda")
+    m.add_argument("--workers", type=int, help="shard tasks in flight at once (default: the cluster's CPUs)")
     m.set_defaults(run=_merge)
 
     for name, help_ in NOT_YET.items():

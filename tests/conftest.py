@@ -12,3 +12,13 @@ def tiny_zoo():
     from mergescale.zoo.build import build_zoo, preset_spec
 
     return build_zoo(preset_spec("tiny"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray for the whole session (2 CPUs, like CI); merges and evaluators join it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield ray

@@ -16,7 +16,7 @@ from mergescale.errors import MergescaleError
 from mergescale.orchestrator.merge import run_merge
 from mergescale.specs import load_merge_spec
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 
 def mergekit_merge(config: dict, out: Path) -> None:
@@ -340,5 +340,6 @@ def test_examples_run_as_documented(tiny_zoo, tmp_path, monkeypatch):
     (tmp_path / "zoo").symlink_to(tiny_zoo.root)
     monkeypatch.chdir(tmp_path)
     for example in ("merge_ties", "mergekit_slerp"):
-        out = run_merge(load_merge_spec(Path("examples") / f"{example}.yaml"), Path("merged") / example, progress=False)
+        spec = load_merge_spec(Path("examples") / f"{example}.yaml")
+        out = run_merge(spec, Path("merged") / example, progress=False).path
         assert (out / "model.safetensors.index.json").is_file()

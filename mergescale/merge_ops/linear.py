@@ -37,6 +37,9 @@ class Linear(Method):
         weight: float = 1.0
         normalize: bool = True
 
+    def rowwise(self, params):
+        return True
+
     def merge(self, base, experts, params, ctx):
         weights = [p.weight for p in params]
         out = sum(w * e for w, e in zip(weights, experts, strict=True))
@@ -56,6 +59,9 @@ class TaskArithmetic(Method):
         weight: float = 1.0
         lambda_: float = Field(1.0, alias="lambda")
         normalize: bool = False
+
+    def rowwise(self, params):
+        return True
 
     def merge(self, base, experts, params, ctx):
         weights = [p.weight for p in params]

@@ -28,6 +28,9 @@ class MetaGPT(Method):
     def stats_passes(self, params):
         return 1 if params[0].scope == "global" else 0
 
+    def rowwise(self, params):
+        return params[0].scope == "global"  # per-tensor shares need the whole tensor
+
     def tensor_stats(self, step, base, experts, params, ctx):
         return _sq_norms(base, experts)
 

@@ -43,12 +43,16 @@ class TensorContext:
 
     ``stats`` is the reduced result of the method's statistics passes (None without them);
     ``order`` is the tensor's position in the model's sorted tensor names (for global tie-breaks).
+    When the engine streams a big tensor in blocks of rows (see ``Method.rowwise``), ``block`` is
+    the block's index and ``local`` the reduced result of the method's block passes over this tensor.
     """
 
     name: str
     seed: int = 0
     stats: Any = None
     order: int = 0
+    block: int = 0
+    local: Any = None
 
     def generator(self, expert: int) -> torch.Generator:
         """A generator seeded by (seed, tensor name, expert index): masks never depend on sharding."""
@@ -89,6 +93,25 @@ class Method:
 
     def reduce(self, step: int, per_tensor: dict[str, Any], previous: Any) -> Any:
         """Combine pass ``step``'s per-tensor statistics (keyed by tensor name) into the new state."""
+        raise NotImplementedError
+
+    # ---- streaming one tensor in blocks of rows (bounded memory for big tensors)
+
+    def rowwise(self, params: list[MethodParams]) -> bool:
+        """Whether ``merge`` applied to blocks of rows, given ``ctx.local``, gives the rows of the whole
+        tensor's merge exactly.  Then the engine reads and merges big tensors block by block."""
+        return False
+
+    def block_passes(self, params: list[MethodParams]) -> int:
+        """How many passes over one tensor's blocks compute ``ctx.local`` before its merge pass."""
+        return 0
+
+    def block_stats(self, step: int, base, experts, params, ctx: TensorContext) -> Any:
+        """Pass ``step``'s statistics of one block (``ctx.local`` holds the previous passes' result)."""
+        raise NotImplementedError
+
+    def reduce_blocks(self, step: int, per_block: list[Any], previous: Any) -> Any:
+        """Combine pass ``step``'s per-block statistics (in block order) into the tensor's new state."""
         raise NotImplementedError
 
 

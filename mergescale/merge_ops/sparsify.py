@@ -60,8 +60,9 @@ def della_probs(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A boolean mask drawn elementwise with ``probs`` from ``generator``."""
-    return torch.rand(probs.shape, generator=generator) < probs
+    """A boolean mask drawn elementwise with ``probs`` from ``generator`` (a CPU generator: masks are
+    the same whatever device merges)."""
+    return torch.rand(probs.shape, generator=generator).to(probs.device) < probs
 
 
 def rescale(masked: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, probs, how: str) -> torch.Tensor:

@@ -8,6 +8,7 @@ surviving entries (``normalize``: TIES' disjoint mean), scales by λ and adds θ
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 import torch
@@ -28,20 +29,25 @@ def combine(
     normalize: bool,
     lam: float,
 ) -> torch.Tensor:
-    """θ0 + λ · (Σ wi τ'i [agreeing]) / (Σ wi [agreeing] if normalize)."""
-    stacked = torch.stack(deltas)
-    w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * base.dim()))
-    weighted = stacked * w
+    """θ0 + λ · (Σ wi τ'i [agreeing]) / (Σ wi [agreeing] if normalize).
+
+    Sums run over the experts in order, one element at a time: the result of an element never
+    depends on the tensor's other elements, so merging blocks of rows gives the same bytes."""
+    mixed = torch.zeros_like(base)
+    for d, w in zip(deltas, weights, strict=True):
+        mixed.add_(d, alpha=float(w))
     if elect:
-        majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-        keep = stacked.sign() == majority
-        mixed = (weighted * keep).sum(0)
-        divisor = (w * keep).sum(0)
+        majority = torch.where(mixed >= 0, 1.0, -1.0)
+        mixed.zero_()
+        divisor = torch.zeros_like(base)
+        for d, w in zip(deltas, weights, strict=True):
+            keep = d.sign() == majority
+            mixed.add_(d * keep, alpha=float(w))
+            divisor.add_(keep, alpha=float(w))
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
-        mixed = weighted.sum(0)
-        divisor = w.sum()
-        divisor = divisor if divisor.abs() >= 1e-8 else torch.ones_like(divisor)
+        total = sum(float(w) for w in weights)
+        divisor = total if abs(total) >= 1e-8 else 1.0
     if normalize:
         mixed = mixed / divisor
     return base + lam * mixed
@@ -61,11 +67,6 @@ class _Family(Method):
         return combine(
             base, deltas, [p.weight for p in params], elect=self.elect, normalize=p0.normalize, lam=p0.lambda_
         )
-
-
-class _TopK(_Family):
-    def sparsify(self, delta, p, ctx, i):
-        return delta * sp.topk_mask(delta, p.density)
 
 
 class _Dare(_Family):
@@ -97,10 +98,12 @@ class _Common(MethodParams):
 
 
 @register
-class Ties(_TopK):
+class Ties(_Family):
     """TIES.  ``scope: tensor`` trims each task vector per tensor (mergekit's choice);
     ``scope: global`` keeps each expert's top-d magnitudes over its whole task vector (the
-    paper's), found exactly by two statistics passes without materializing the model."""
+    paper's).  Both select exactly (ties: lowest position first) with the same two-pass select
+    on the magnitudes' float bits — no sort: global over the model's tensors (statistics passes),
+    tensor over one tensor's blocks of rows (block passes, so big tensors stream)."""
 
     name = "ties"
     elect = True
@@ -113,39 +116,67 @@ class Ties(_TopK):
     def stats_passes(self, params):
         return 2 if params[0].scope == "global" else 0
 
+    def rowwise(self, params):
+        return params[0].scope == "tensor"
+
+    def block_passes(self, params):
+        return 2 if params[0].scope == "tensor" else 0
+
     def tensor_stats(self, step, base, experts, params, ctx):
-        deltas = [e - base for e in experts]
-        if step == 0:
-            return [(sp.bit_histogram(d), d.numel(), p.density) for d, p in zip(deltas, params, strict=True)]
-        return [sp.bin_values(d, b) for d, (b, _) in zip(deltas, ctx.stats["bins"], strict=True)]
+        return _selection_stats(step, base, experts, params, ctx.stats)
+
+    def block_stats(self, step, base, experts, params, ctx):
+        return _selection_stats(step, base, experts, params, ctx.local)
 
     def reduce(self, step, per_tensor, previous):
-        names = sorted(per_tensor)
-        n_experts = len(per_tensor[names[0]])
-        if step == 0:
-            bins = []
-            for i in range(n_experts):
-                hist = sum(per_tensor[n][i][0] for n in names)
-                total = sum(per_tensor[n][i][1] for n in names)
-                k = int(per_tensor[names[0]][i][2] * total)
-                bins.append((-1, 0) if k <= 0 else (BINS_ALL, 0) if k >= total else sp.boundary_bin(hist, k))
-            return {"bins": bins}
-        keep = []
-        for i, (b, need) in enumerate(previous["bins"]):
-            if b == -1:  # keep nothing
-                keep.append(((1 << 31) - 1, dict.fromkeys(names, 0)))
-            elif b == BINS_ALL:  # keep everything
-                keep.append((-1, dict.fromkeys(names, 0)))
-            else:
-                thr, counts = sp.global_threshold([per_tensor[n][i] for n in names], need)
-                keep.append((thr, dict(zip(names, counts, strict=True))))
-        return {"bins": previous["bins"], "keep": keep}
+        return _select(step, per_tensor, previous)
+
+    def reduce_blocks(self, step, per_block, previous):
+        return _select(step, dict(enumerate(per_block)), previous)
+
+    def merge(self, base, experts, params, ctx):
+        if params[0].scope == "tensor" and ctx.local is None:  # a whole tensor, outside the engine: one block
+            for step in range(2):
+                stats = self.block_stats(step, base, experts, params, ctx)
+                ctx = replace(ctx, local=self.reduce_blocks(step, [stats], ctx.local))
+        return super().merge(base, experts, params, ctx)
 
     def sparsify(self, delta, p, ctx, i):
-        if p.scope == "tensor":
-            return super().sparsify(delta, p, ctx, i)
-        thr, counts = ctx.stats["keep"][i]
-        return delta * sp.threshold_mask(delta, thr, counts[ctx.name])
+        state, part = (ctx.stats, ctx.name) if p.scope == "global" else (ctx.local, ctx.block)
+        thr, counts = state["keep"][i]
+        return delta * sp.threshold_mask(delta, thr, counts[part])
+
+
+def _selection_stats(step: int, base, experts, params, state):
+    """Pass 0: per expert, the histogram of |τ|'s top float bits; pass 1: the values in the boundary bin."""
+    deltas = [e - base for e in experts]
+    if step == 0:
+        return [(sp.bit_histogram(d), d.numel(), p.density) for d, p in zip(deltas, params, strict=True)]
+    return [sp.bin_values(d, b) for d, (b, _) in zip(deltas, state["bins"], strict=True)]
+
+
+def _select(step: int, parts: dict, previous):
+    """Reduce the selection passes over ``parts`` (tensors by name, or one tensor's blocks by index)."""
+    keys = sorted(parts)
+    n_experts = len(parts[keys[0]])
+    if step == 0:
+        bins = []
+        for i in range(n_experts):
+            hist = sum(parts[key][i][0] for key in keys)
+            total = sum(parts[key][i][1] for key in keys)
+            k = int(parts[keys[0]][i][2] * total)
+            bins.append((-1, 0) if k <= 0 else (BINS_ALL, 0) if k >= total else sp.boundary_bin(hist, k))
+        return {"bins": bins}
+    keep = []
+    for i, (b, need) in enumerate(previous["bins"]):
+        if b == -1:  # keep nothing
+            keep.append(((1 << 31) - 1, dict.fromkeys(keys, 0)))
+        elif b == BINS_ALL:  # keep everything
+            keep.append((-1, dict.fromkeys(keys, 0)))
+        else:
+            thr, counts = sp.global_threshold([parts[key][i] for key in keys], need)
+            keep.append((thr, dict(zip(keys, counts, strict=True))))
+    return {"bins": previous["bins"], "keep": keep}
 
 
 BINS_ALL = sp.BINS  # a sentinel bin index: keep every element

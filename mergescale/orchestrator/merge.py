@@ -10,8 +10,10 @@ other in this process; the sharded Ray engine runs the same ``merge_shard`` as R
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from mergescale.merge_ops.granularity import TensorSite, locate, resolve
 from mergescale.specs import MergeSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BLOCK_ELEMENTS = 1 << 21  # 8 MB of fp32 per input and block
 _ARCH_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "head_dim")  # fmt: skip
 
@@ -34,6 +37,7 @@ _ARCH_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "num_attentio
 class Shard:
     label: str
     names: tuple[str, ...]
+    input_bytes: int = 0  # bytes read from all inputs to merge it (for throughput)
 
 
 @dataclass
@@ -47,6 +51,7 @@ class MergePlan:
     out_dtype: torch.dtype
     allow_pickle: bool = False
     vocab_rows: dict[str, int] = field(default_factory=dict)  # tensors whose row count differs between inputs
+    block_elements: int = BLOCK_ELEMENTS  # row-wise methods stream tensors in blocks of about this many elements
 
     @cached_property
     def order(self) -> dict[str, int]:
@@ -114,7 +119,8 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
     _check_per_expert(spec)
     if spec.tokenizer != "base" and not 0 <= int(spec.tokenizer) < len(spec.experts):
         raise MergescaleError(f"tokenizer: {spec.tokenizer} is not an expert index (0..{len(spec.experts) - 1})")
-    paths = ([Path(spec.base)] if spec.base else []) + [Path(e.model) for e in spec.experts]
+    # absolute paths: shard tasks run in other processes (and on other nodes) with another working directory
+    paths = ([Path(spec.base).absolute()] if spec.base else []) + [Path(e.model).absolute() for e in spec.experts]
     for p in paths:
         if not p.exists():
             raise MergescaleError(f"{p}: no such model directory; check the path in the merge config")
@@ -164,9 +170,9 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
         config["vocab_size"] = vocab_rows[emb[0]]
     return MergePlan(
         spec=spec,
-        base=Path(spec.base) if spec.base else None,
-        experts=[Path(e.model) for e in spec.experts],
-        shards=_shards(names, num_layers),
+        base=paths[0] if spec.base else None,
+        experts=paths[1:] if spec.base else paths,
+        shards=_shards(names, num_layers, models),
         num_layers=num_layers,
         config=config,
         out_dtype=out_dtype,
@@ -175,7 +181,7 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
     )
 
 
-def _shards(names: list[str], num_layers: int) -> list[Shard]:
+def _shards(names: list[str], num_layers: int, models: list[ModelDir]) -> list[Shard]:
     groups: dict[str, list[str]] = {}
     for name in names:
         site = locate(name, num_layers)
@@ -187,13 +193,17 @@ def _shards(names: list[str], num_layers: int) -> list[Shard]:
         groups.setdefault(label, []).append(name)
     order = ["embedding"] + [f"layer {i}" for i in range(num_layers)] + ["head"]
     known = [label for label in order if label in groups] + sorted(set(groups) - set(order))
-    return [Shard(label, tuple(sorted(groups[label]))) for label in known]
+
+    def nbytes(name: str) -> int:
+        return sum(math.prod(m.shape(name)) * m.dtype(name).itemsize for m in models)
+
+    return [Shard(label, tuple(sorted(groups[label])), sum(nbytes(n) for n in groups[label])) for label in known]
 
 
-def _read(model: ModelDir, name: str) -> torch.Tensor:
-    t = model.tensor(name)
+def _read(model: ModelDir, name: str, rows: tuple[int, int] | None, device: str) -> torch.Tensor:
+    t = model.tensor(name) if rows is None else model.rows(name, *rows)
     if t.is_floating_point():
-        t = t.to(torch.float32)
+        t = t.to(device=device, dtype=torch.float32)
         if not torch.isfinite(t).all():
             raise MergescaleError(
                 f"{model.file_of(name)}: tensor {name} holds NaN or Inf; fix or drop this model before merging"
@@ -201,71 +211,115 @@ def _read(model: ModelDir, name: str) -> torch.Tensor:
     return t
 
 
-@dataclass
-class _Inputs:
-    tensors: list[torch.Tensor]  # as read (fp32 for float tensors), full rows
-    base: torch.Tensor | None  # common rows only
-    experts: list[torch.Tensor]
-    params: list[MethodParams]
-    rows: int | None  # common vocabulary rows, when the inputs' rows differ
+def _blocks(rows: int | None, row_elements: int, block_elements: int | None) -> list[tuple[int, int] | None]:
+    """Row ranges that cover a tensor; ``[None]`` (the whole tensor at once) when it is not split."""
+    if rows is None or block_elements is None or rows * row_elements <= block_elements:
+        return [None] if rows is None else [(0, rows)]
+    step = max(1, block_elements // max(1, row_elements))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
-def _inputs(plan: MergePlan, models: list[ModelDir], name: str) -> _Inputs:
-    tensors = [_read(m, name) for m in models]
-    params = params_for(plan.spec, locate(name, plan.num_layers)) if tensors[0].is_floating_point() else []
-    rows = min(t.shape[0] for t in tensors) if name in plan.vocab_rows else None
-    common = [t[:rows] for t in tensors] if rows is not None else tensors
-    has_base = plan.base is not None
-    return _Inputs(tensors, common[0] if has_base else None, common[1:] if has_base else common, params, rows)
+class _TensorInputs:
+    """One tensor's inputs, block by block, as the method sees them (fp32, common vocabulary rows)."""
+
+    def __init__(self, plan: MergePlan, models: list[ModelDir], name: str, device: str):
+        self.plan, self.models, self.name, self.device = plan, models, name, device
+        self.method = get_method(plan.spec.method)
+        self.params = params_for(plan.spec, locate(name, plan.num_layers))
+        shape = models[0].shape(name)
+        common = min(m.shape(name)[0] for m in models) if name in plan.vocab_rows else (shape[0] if shape else None)
+        self.shape, self.common = shape, common
+        rowwise = self.method.rowwise(self.params)
+        self.blocks = _blocks(common, math.prod(shape[1:]), plan.block_elements if rowwise else None)
+        self._cache: tuple | None = None
+
+    def read(self, i: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(base, experts) for block ``i``; a tensor in one block is read once for every pass."""
+        if self._cache is not None:
+            return self._cache
+        tensors = [_read(m, self.name, self.blocks[i], self.device) for m in self.models]
+        out = (tensors[0], tensors[1:]) if self.plan.base is not None else (None, tensors)
+        if len(self.blocks) == 1:
+            self._cache = out
+        return out
+
+    def context(self, state) -> TensorContext:
+        """The tensor's context, after running the method's block passes (``ctx.local``)."""
+        plan = self.plan
+        ctx = TensorContext(name=self.name, seed=plan.spec.seed, stats=state, order=plan.order[self.name])
+        for step in range(self.method.block_passes(self.params)):
+            per_block = []
+            for i in range(len(self.blocks)):
+                base, experts = self.read(i)
+                per_block.append(self.method.block_stats(step, base, experts, self.params, replace(ctx, block=i)))
+            ctx = replace(ctx, local=self.method.reduce_blocks(step, per_block, ctx.local))
+        return ctx
 
 
-def tensor_stats(plan: MergePlan, models: list[ModelDir], name: str, step: int, state) -> object | None:
+def tensor_stats(plan: MergePlan, models: list[ModelDir], name: str, step: int, state, device: str = "cpu"):
     """One tensor's statistics for pass ``step`` (None for non-float tensors, which are never merged)."""
-    x = _inputs(plan, models, name)
-    if not x.tensors[0].is_floating_point():
+    if not models[0].dtype(name).is_floating_point:
         return None
+    x = _TensorInputs(plan, models, name, device)
+    x.blocks = [None] if x.common is None else [(0, x.common)]  # statistics passes see the whole tensor
     ctx = TensorContext(name=name, seed=plan.spec.seed, stats=state, order=plan.order[name])
-    return get_method(plan.spec.method).tensor_stats(step, x.base, x.experts, x.params, ctx)
+    base, experts = x.read(0)
+    return x.method.tensor_stats(step, base, experts, x.params, ctx)
 
 
-def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str, state=None) -> torch.Tensor:
-    """Merge one tensor: read every input in fp32, apply the method, cast once to the output dtype."""
-    x = _inputs(plan, models, name)
-    if not x.tensors[0].is_floating_point():
-        return x.tensors[0]  # integer / boolean buffers are copied from the base (or the first model)
-    ctx = TensorContext(name=name, seed=plan.spec.seed, stats=state, order=plan.order[name])
-    merged = get_method(plan.spec.method).merge(x.base, x.experts, x.params, ctx)
-    if x.rows is not None:  # rows beyond the common vocabulary come from the model that has them, base first
-        full = torch.empty((plan.vocab_rows[name], *merged.shape[1:]), dtype=merged.dtype)
-        full[: x.rows] = merged
-        filled = x.rows
-        for t in x.tensors:  # base first: each model fills the rows it has that nobody before it had
-            if t.shape[0] > filled:
-                full[filled : t.shape[0]] = t[filled:]
-                filled = t.shape[0]
-        merged = full
-    return merged.to(plan.out_dtype)
+def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str, state=None, device: str = "cpu") -> torch.Tensor:
+    """Merge one tensor in fp32, block by block for row-wise methods, cast once to the output dtype."""
+    if not models[0].dtype(name).is_floating_point:
+        return models[0].tensor(name)  # integer / boolean buffers are copied from the base (or the first model)
+    x = _TensorInputs(plan, models, name, device)
+    ctx = x.context(state)
+    if x.common is None:  # a 0-d tensor
+        base, experts = x.read(0)
+        return x.method.merge(base, experts, x.params, ctx).to(plan.out_dtype).cpu()
+    out = torch.empty((plan.vocab_rows.get(name, x.shape[0]), *x.shape[1:]), dtype=plan.out_dtype)
+    for i, (start, stop) in enumerate(x.blocks):
+        base, experts = x.read(i)
+        out[start:stop] = x.method.merge(base, experts, x.params, replace(ctx, block=i)).to(plan.out_dtype).cpu()
+    filled = x.common  # rows beyond the common vocabulary come from the model that has them, base first
+    for m in models:
+        if m.shape(name)[0] > filled:
+            out[filled : m.shape(name)[0]] = _read(m, name, (filled, m.shape(name)[0]), "cpu").to(plan.out_dtype)
+            filled = m.shape(name)[0]
+    return out
 
 
-def run_stats(plan: MergePlan) -> object | None:
-    """The reduce passes of a reduce → map method: per-tensor statistics, combined after each pass."""
-    method = get_method(plan.spec.method)
-    names = [n for shard in plan.shards for n in shard.names]
-    passes = method.stats_passes(params_for(plan.spec, locate(names[0], plan.num_layers)))
+def shard_stats(plan: MergePlan, index: int, step: int, state, device: str = "cpu") -> dict[str, object]:
+    """Statistics pass ``step`` over one shard's tensors (non-float tensors left out)."""
     models = _models(plan.sources, plan.allow_pickle)
-    state = None
-    for step in range(passes):
-        per_tensor = {n: tensor_stats(plan, models, n, step, state) for n in names}
-        state = method.reduce(step, {n: v for n, v in per_tensor.items() if v is not None}, state)
-    return state
+    stats = {}
+    for name in plan.shards[index].names:
+        with _naming(plan.shards[index], name):
+            value = tensor_stats(plan, models, name, step, state, device)
+        if value is not None:
+            stats[name] = value
+    return stats
 
 
-def merge_shard(plan: MergePlan, index: int, staging: Path, state=None) -> ShardInfo:
+def merge_shard(plan: MergePlan, index: int, staging: Path, state=None, device: str = "cpu") -> ShardInfo:
     """Merge one shard's tensors and write them as one safetensors file in ``staging``."""
     models = _models(plan.sources, plan.allow_pickle)
     shard = plan.shards[index]
-    out = {name: merge_tensor(plan, models, name, state) for name in shard.names}
+    out = {}
+    for name in shard.names:
+        with _naming(shard, name):
+            out[name] = merge_tensor(plan, models, name, state, device)
     return write_shard(staging, shard_file(index, len(plan.shards)), out)
+
+
+@contextmanager
+def _naming(shard: Shard, name: str):
+    """Unexpected failures name the shard and the tensor (user errors already say what to fix)."""
+    try:
+        yield
+    except MergescaleError:
+        raise
+    except Exception as err:
+        raise MergescaleError(f"shard {shard.label}, tensor {name}: {type(err).__name__}: {err}") from err
 
 
 def model_card(plan: MergePlan, shards: list[ShardInfo]) -> str:
@@ -301,25 +355,55 @@ def model_card(plan: MergePlan, shards: list[ShardInfo]) -> str:
     return "\n".join(lines)
 
 
-def run_merge(spec: MergeSpec, out: Path, allow_pickle: bool = False, progress: bool = True) -> Path:
-    """Plan, merge every shard into a staging directory, publish atomically. Nothing is left on failure."""
-    out = Path(out)
+@dataclass
+class MergeReport:
+    """What a merge did: where it wrote, how long it took, how much it read, where it ran."""
+
+    path: Path
+    seconds: float
+    input_bytes: int
+    shards: int
+    workers: int
+    max_task_rss_growth: int  # the largest memory growth of one shard task (bytes; 0 where not measurable)
+    nodes: int  # distinct nodes that ran shard tasks
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.input_bytes / 1e9 / max(self.seconds, 1e-9)
+
+
+def run_merge(
+    spec: MergeSpec,
+    out: Path,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    *,
+    address: str | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> MergeReport:
+    """Plan on the driver, merge every shard as a Ray task into a staging directory, publish atomically.
+
+    The driver reads headers only; tasks read their tensors and write their own shard file.  A failed
+    merge (or a killed driver) leaves nothing under ``out``.
+    """
+    from mergescale.orchestrator import ray_merge
+
+    out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MergescaleError(f"{out} exists and is not empty; choose another --out or delete it")
     plan = plan_merge(spec, allow_pickle)
+    plan.block_elements = block_elements
     staging = staging_dir(out)
     try:
-        from rich.progress import Progress
-
-        state = run_stats(plan)
-        shards = []
-        with Progress(disable=not progress) as bar:
-            job = bar.add_task(f"merging ({spec.method})", total=len(plan.shards))
-            for i in range(len(plan.shards)):
-                shards.append(merge_shard(plan, i, staging, state))
-                bar.advance(job)
+        run = ray_merge.run_shards(plan, staging, address=address, device=device, workers=workers, progress=progress)
         tokenizer_from = plan.sources[0] if spec.tokenizer == "base" else plan.experts[int(spec.tokenizer)]
-        return publish(staging, out, shards, plan.config, tokenizer_from, model_card(plan, shards), plan.sources[0])
+        publish(staging, out, run.shards, plan.config, tokenizer_from, model_card(plan, run.shards), plan.sources[0])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return MergeReport(
+        path=out, seconds=run.seconds, input_bytes=sum(s.input_bytes for s in plan.shards), shards=len(plan.shards),
+        workers=run.workers, max_task_rss_growth=run.max_rss_growth, nodes=run.nodes,
+    )  # fmt: skip
