@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mergescale.errors import MergescaleError
 
@@ -40,6 +38,76 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }  # fmt: skip
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+class SafetensorsFile:
+    """One safetensors file: its header parsed once, tensors (or ranges of their rows) read with
+    positioned reads straight into the tensor's memory — no memory map, so reading a model does not
+    leave its pages in the process's resident set, and no page faults per 4 KB."""
+
+    MAX_HEADER = 100 * 2**20
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, self.MAX_HEADER):
+                raise MergescaleError(
+                    f"{self.path}: not a safetensors file (bad header length); re-save or re-download it"
+                )
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                raise MergescaleError(
+                    f"{self.path}: corrupt safetensors header (not JSON); re-save or re-download it"
+                ) from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries: dict[str, dict] = header
+        for name, e in header.items():
+            if e.get("dtype") not in _DTYPES:
+                raise MergescaleError(
+                    f"{self.path}: tensor {name} has dtype {e.get('dtype')}, which mergescale does not read"
+                )
+            end = self.data_start + e["data_offsets"][1]
+            if end > size:
+                raise MergescaleError(
+                    f"{self.path}: truncated: tensor {name} ends at byte {end} but the file has {size} bytes; "
+                    "re-download or re-save it"
+                )
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self.entries[name]["dtype"]]
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or its rows ``start:stop`` (dimension 0)."""
+        e = self.entries[name]
+        shape = list(e["shape"])
+        begin, end = e["data_offsets"]
+        if start is not None and shape:
+            stop = min(stop if stop is not None else shape[0], shape[0])
+            row = (end - begin) // shape[0] if shape[0] else 0
+            begin, end, shape[0] = begin + start * row, begin + stop * row, max(0, stop - start)
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            view = memoryview(out.numpy())
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                got = 0
+                while got < len(view):
+                    n = os.preadv(fd, [view[got:]], self.data_start + begin + got)
+                    if n <= 0:
+                        raise MergescaleError(f"{self.path}: tensor {name}: the file ended early; re-download it")
+                    got += n
+            finally:
+                os.close(fd)
+        return out.view(self.dtype(name)).reshape(shape)
 
 
 class ModelDir:
@@ -50,13 +118,12 @@ class ModelDir:
         if not (self.path / "config.json").is_file():
             raise MergescaleError(f"{self.path}: not a Hugging Face model directory (no config.json); check the path")
         self.config: dict = json.loads((self.path / "config.json").read_text())
-        self._handles: dict[str, object] = {}
+        self._files: dict[str, SafetensorsFile] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         if (self.path / INDEX).is_file():
             self.weight_map: dict[str, str] = json.loads((self.path / INDEX).read_text())["weight_map"]
         elif (self.path / SINGLE).is_file():
-            with safe_open(self.path / SINGLE, framework="pt") as f:
-                self.weight_map = {name: SINGLE for name in f.keys()}
+            self.weight_map = dict.fromkeys(self._file(SINGLE).entries, SINGLE)
         elif (self.path / PICKLE_SINGLE).is_file() or (self.path / PICKLE_INDEX).is_file():
             if not allow_pickle:
                 raise MergescaleError(
@@ -82,10 +149,12 @@ class ModelDir:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
-    def _handle(self, file: str):
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.path / file, framework="pt")
-        return self._handles[file]
+    def _file(self, file: str) -> SafetensorsFile:
+        if file not in self._files:
+            if not (self.path / file).is_file():
+                raise MergescaleError(f"{self.path}: {file} is listed in {INDEX} but missing; re-download the model")
+            self._files[file] = SafetensorsFile(self.path / file)
+        return self._files[file]
 
     def _info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         if name not in self._meta:
@@ -93,8 +162,10 @@ class ModelDir:
                 t = self._pickled[name]
                 self._meta[name] = (tuple(t.shape), t.dtype)
             else:
-                sl = self._handle(self.weight_map[name]).get_slice(name)
-                self._meta[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+                f = self._file(self.weight_map[name])
+                if name not in f.entries:
+                    raise MergescaleError(f"{f.path}: tensor {name} is listed in {INDEX} but not in the file")
+                self._meta[name] = (f.shape(name), f.dtype(name))
         return self._meta[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -111,7 +182,8 @@ class ModelDir:
             raise MergescaleError(f"{self.path}: tensor {name} is missing; is this model of the same architecture?")
         if self._pickled is not None:
             return self._pickled[name]
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        self._info(name)
+        return self._file(self.weight_map[name]).read(name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a tensor (dimension 0), reading only those bytes."""
@@ -119,7 +191,8 @@ class ModelDir:
             raise MergescaleError(f"{self.path}: tensor {name} is missing; is this model of the same architecture?")
         if self._pickled is not None:
             return self._pickled[name][start:stop]
-        return self._handle(self.weight_map[name]).get_slice(name)[start:stop]
+        self._info(name)
+        return self._file(self.weight_map[name]).read(name, start, stop)
 
 
 # ---------------------------------------------------------------- writing
@@ -144,16 +217,42 @@ def staging_dir(out: Path) -> Path:
 
 
 def write_shard(staging: Path, file: str, tensors: dict[str, torch.Tensor]) -> ShardInfo:
-    """Write one safetensors shard (deterministic bytes) and return its name, tensors and sha256."""
+    """Write one safetensors shard and return its name, tensors and sha256.
+
+    The bytes are deterministic (tensors in name order, header as compact sorted JSON) and are
+    written straight from the tensors' memory while hashing, so a shard is never copied whole
+    into a buffer first (``safetensors.save_file`` does that).  Written under a temporary name,
+    then renamed: a killed writer leaves no file under ``file``.
+    """
     path = Path(staging) / file
-    partial = path.with_name(f".{file}.partial-{os.getpid()}")  # a killed writer leaves no file under `file`
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata={"format": "pt"})
-    os.replace(partial, path)
+    partial = path.with_name(f".{file}.partial-{os.getpid()}")
+    names = sorted(tensors)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return ShardInfo(file=file, names=tuple(tensors), sha256=digest.hexdigest(), nbytes=path.stat().st_size)
+    with open(partial, "wb") as f:
+        for chunk in (len(text).to_bytes(8, "little"), text):
+            f.write(chunk)
+            digest.update(chunk)
+        for name in names:
+            t = tensors[name].detach().cpu().contiguous()
+            if t.numel():
+                data = t.reshape(-1).view(torch.uint8).numpy()
+                f.write(data)
+                digest.update(data)
+    os.replace(partial, path)
+    return ShardInfo(file=file, names=tuple(names), sha256=digest.hexdigest(), nbytes=path.stat().st_size)
 
 
 def shard_file(index: int, total: int) -> str:
