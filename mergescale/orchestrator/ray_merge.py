@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from mergescale.orchestrator.merge import MergePlan, merge_shard, params_for, sh
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3  # a shard whose worker dies is rerun up to this many times
+#: intra-op threads of a shard task.  Fixed, because torch's reductions (norms, dot products, SVD)
+#: split their work by thread count and round differently: one thread per task keeps the bytes
+#: independent of the machine, and parallelism comes from running shards side by side.
+TASK_THREADS = 1
 GPU_SHARE = 0.5  # GPU fraction per shard task: two shards per GPU overlap reading with compute
 
 
@@ -39,15 +44,25 @@ class ShardRun:
     nodes: int
 
 
-def _task_setup(cpus: int) -> int:
-    """Threads for torch in this task; reset the process's peak-RSS mark. Returns RSS at start (bytes)."""
-    torch.set_num_threads(max(1, cpus))
+def _task_setup() -> int:
+    """Pin torch's threads; reset the process's peak-RSS mark. Returns RSS at start (bytes)."""
+    torch.set_num_threads(TASK_THREADS)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (Linux), so the peak below is this task's
         return _status_kb("VmRSS") * 1024
     except OSError:
         return 0
+
+
+@contextmanager
+def _pinned_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TASK_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _status_kb(key: str) -> int:
@@ -59,14 +74,14 @@ def _status_kb(key: str) -> int:
 
 
 @ray.remote
-def _stats_task(plan: MergePlan, index: int, step: int, state, device: str, cpus: int) -> dict:
-    _task_setup(cpus)
+def _stats_task(plan: MergePlan, index: int, step: int, state, device: str) -> dict:
+    _task_setup()
     return shard_stats(plan, index, step, state, device)
 
 
 @ray.remote
-def _merge_task(plan: MergePlan, index: int, staging: str, state, device: str, cpus: int):
-    start_rss = _task_setup(cpus)
+def _merge_task(plan: MergePlan, index: int, staging: str, state, device: str):
+    start_rss = _task_setup()
     info = merge_shard(plan, index, Path(staging), state, device)
     growth = max(0, _status_kb("VmHWM") * 1024 - start_rss) if start_rss else 0
     return info, growth, ray.get_runtime_context().get_node_id()
@@ -81,8 +96,8 @@ def _resolve_device(device: str) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
 
 
-def _options(device: str, cpus: int) -> dict:
-    opts = {"num_cpus": cpus, "max_retries": MAX_RETRIES, "scheduling_strategy": "SPREAD"}
+def _options(device: str) -> dict:
+    opts = {"num_cpus": TASK_THREADS, "max_retries": MAX_RETRIES, "scheduling_strategy": "SPREAD"}
     if device == "cuda":
         opts["num_gpus"] = GPU_SHARE
     return opts
@@ -134,7 +149,6 @@ def run_shards(
     address: str | None = None,
     device: str = "auto",
     workers: int | None = None,
-    cpus_per_task: int = 1,
     progress: bool = True,
 ) -> ShardRun:
     """Statistics passes (if the method has them), then every shard's merge, as Ray tasks."""
@@ -151,10 +165,10 @@ def run_shards(
     device = _resolve_device(device)
     if workers is None:
         slots = gpus_in_cluster() / GPU_SHARE if device == "cuda" else ray.cluster_resources().get("CPU", 1)
-        workers = max(1, int(slots // (1 if device == "cuda" else cpus_per_task)))
+        workers = max(1, int(slots // (1 if device == "cuda" else TASK_THREADS)))
     if workers < 1:
         raise MergescaleError(f"--workers {workers}: need at least 1")
-    opts = _options(device, cpus_per_task)
+    opts = _options(device)
     labels = [s.label for s in plan.shards]
     plan_ref = ray.put(plan)
     method = get_method(plan.spec.method)
@@ -165,11 +179,12 @@ def run_shards(
     for step in range(passes):
         state_ref = ray.put(state)
         per_shard = _run_tasks(
-            lambda i, s=state_ref, k=step: _stats_task.options(**opts).remote(plan_ref, i, k, s, device, cpus_per_task),
+            lambda i, s=state_ref, k=step: _stats_task.options(**opts).remote(plan_ref, i, k, s, device),
             labels, workers, lambda i, r: None,
         )  # fmt: skip
         per_tensor = {name: v for shard in per_shard for name, v in shard.items()}
-        state = method.reduce(step, per_tensor, state)
+        with _pinned_threads():  # the reduce's arithmetic must not depend on the driver's cores either
+            state = method.reduce(step, per_tensor, state)
     state_ref = ray.put(state)
     columns = [
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
@@ -186,7 +201,7 @@ def run_shards(
             bar.update(job, advance=1, rate=f"{rate:.2f} GB/s" if rate >= 1 else f"{rate * 1000:.0f} MB/s")
 
         results = _run_tasks(
-            lambda i: _merge_task.options(**opts).remote(plan_ref, i, str(staging), state_ref, device, cpus_per_task),
+            lambda i: _merge_task.options(**opts).remote(plan_ref, i, str(staging), state_ref, device),
             labels, workers, on_done,
         )  # fmt: skip
     seconds = time.perf_counter() - started

@@ -1,0 +1,238 @@
+"""The sharded merge on a real local Ray (and a fake two-node cluster): same bytes as one process,
+whatever the workers or blocks; a killed worker is retried; memory stays bounded per block."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from mergescale.errors import MergescaleError
+from mergescale.merge_ops import get_method
+from mergescale.merge_ops.granularity import locate
+from mergescale.orchestrator import ray_merge
+from mergescale.orchestrator.merge import merge_shard, params_for, plan_merge, run_merge, shard_stats
+from mergescale.specs import MergeSpec
+from mergescale.zoo.synthetic import write_family
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+
+SMALL = {
+    "vocab_size": 16384, "hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1536,
+    "num_attention_heads": 8, "num_key_value_heads": 2,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """fp32 base + 2 experts, ~29 M parameters each; the embedding (8.4 M elements) spans many blocks."""
+    return write_family(tmp_path_factory.mktemp("family"), SMALL, n_experts=2, dtype=torch.float32)
+
+
+def spec_of(method: str, base: Path | None, experts: list[Path], **parameters) -> MergeSpec:
+    return MergeSpec.model_validate(
+        {"method": method, "base": str(base) if base else None, "experts": [str(e) for e in experts],
+         "parameters": parameters, "seed": 7}
+    )  # fmt: skip
+
+
+def files(model: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(model.glob("*.safetensors"))}
+
+
+def single_process(spec: MergeSpec, out: Path) -> dict[str, bytes]:
+    """The reference: every statistics pass and shard merged one after the other in this process,
+    each tensor whole (the default block size exceeds every zoo tensor), with the tasks' threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(ray_merge.TASK_THREADS)
+    try:
+        return _single_process(spec, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_process(spec: MergeSpec, out: Path) -> dict[str, bytes]:
+    plan = plan_merge(spec)
+    method = get_method(spec.method)
+    state = None
+    for step in range(method.stats_passes(params_for(spec, locate(plan.shards[0].names[0], plan.num_layers)))):
+        per_tensor = {}
+        for i in range(len(plan.shards)):
+            per_tensor.update(shard_stats(plan, i, step, state))
+        state = method.reduce(step, per_tensor, state)
+    out.mkdir()
+    for i in range(len(plan.shards)):
+        merge_shard(plan, i, out, state)
+    return files(out)
+
+
+CASES = {
+    "task_arithmetic": {"lambda": 0.5},
+    "ties": {"density": 0.3},
+    "ties_global": {"density": 0.3, "scope": "global"},
+    "dare_ties": {"density": 0.5},
+    "della": {"density": 0.5, "epsilon": 0.1},
+    "breadcrumbs": {},
+    "model_stock": {},
+    "metagpt": {},
+    "tsv": {},
+    "awd": {"steps": 5},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sharded_ray_merge_equals_the_single_process_merge(case, tiny_zoo, tmp_path):
+    method = case.removesuffix("_global")
+    spec = spec_of(method, tiny_zoo.base, [tiny_zoo.experts[t] for t in ("upper", "digit", "atbash")], **CASES[case])
+    want = single_process(spec, tmp_path / "single")
+    # on Ray with 2 workers and tiny blocks: row-wise methods stream every tensor in many blocks
+    got = run_merge(spec, tmp_path / "ray", progress=False, workers=2, block_elements=4096)
+    assert got.shards == len(want)
+    assert files(tmp_path / "ray") == want
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "task_arithmetic"])
+def test_bytes_do_not_depend_on_workers_or_blocks(method, family, tmp_path):
+    base, experts = family
+    spec = spec_of(method, base, experts, **({} if method == "task_arithmetic" else {"density": 0.4}))
+    one = run_merge(spec, tmp_path / "one", progress=False, workers=1, block_elements=1 << 30)
+    two = run_merge(spec, tmp_path / "two", progress=False, workers=2, block_elements=1 << 16)
+    assert (one.workers, two.workers) == (1, 2)
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+    card = (tmp_path / "two" / "README.md").read_text()
+    for shard in ray_merge_shards(tmp_path / "two"):
+        assert shard in card  # the model card lists every shard's sha256
+
+
+def ray_merge_shards(model: Path) -> list[str]:
+    import hashlib
+
+    return [hashlib.sha256(b).hexdigest() for b in files(model).values()]
+
+
+def merge_task_processes() -> list[psutil.Process]:
+    """Ray workers of this test session currently running a shard merge (their title says so)."""
+    found = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("ray::_merge_task"):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def run_in_thread(fn):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+def test_killed_worker_is_retried_and_the_output_is_identical(family, tmp_path):
+    base, experts = family
+    spec = spec_of("ties", base, experts, density=0.2)
+    run_merge(spec, tmp_path / "undisturbed", progress=False, workers=1)
+    thread, box = run_in_thread(lambda: run_merge(spec, tmp_path / "killed", progress=False, workers=1))
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and thread.is_alive() and time.time() < deadline:
+        for p in merge_task_processes():
+            p.send_signal(signal.SIGKILL)  # a real kill of the worker process, mid-shard
+            killed = p.pid
+            break
+        time.sleep(0.005)
+    thread.join(timeout=300)
+    assert killed is not None, "no shard task was caught running"
+    assert "error" not in box, box.get("error")
+    assert files(tmp_path / "killed") == files(tmp_path / "undisturbed")
+    assert not list((tmp_path / "killed").glob(".*")), "no partial shard file may be published"
+
+
+def test_a_shard_that_keeps_failing_fails_the_merge_and_publishes_nothing(family, tmp_path):
+    base, experts = family
+    spec = spec_of("task_arithmetic", base, experts)
+    thread, box = run_in_thread(lambda: run_merge(spec, tmp_path / "out", progress=False, workers=1))
+    kills = 0
+    while thread.is_alive() and kills < 20:
+        for p in merge_task_processes():
+            try:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+            except psutil.Error:
+                pass
+        time.sleep(0.005)
+    thread.join(timeout=300)
+    err = box.get("error")
+    assert isinstance(err, MergescaleError), box
+    assert "shard embedding" in str(err) and f"died {ray_merge.MAX_RETRIES + 1} times" in str(err)
+    assert kills == ray_merge.MAX_RETRIES + 1
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.staging*")), "the staging directory must be removed"
+
+
+def test_nan_in_a_shard_task_names_the_file_and_tensor(family, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, experts = family
+    bad = tmp_path / "bad"
+    shutil.copytree(experts[0], bad)
+    name = "model.layers.2.mlp.up_proj.weight"
+    shard = next(p for p in sorted(bad.glob("*.safetensors")) if name in load_file(p))
+    tensors = load_file(shard)
+    tensors[name][3, 5] = float("inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(MergescaleError, match=f"{shard}: tensor {name} holds NaN or Inf"):
+        run_merge(spec_of("ties", base, [bad, experts[1]]), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_of_a_shard_task_is_bounded_by_blocks_not_tensors(family, tmp_path):
+    base, experts = family
+    spec = spec_of("task_arithmetic", base, experts)
+    # the embedding alone is 8.4 M fp32 elements: 34 MB per input, 100 MB for the three inputs
+    whole = run_merge(spec, tmp_path / "whole", progress=False, workers=1, block_elements=1 << 30)
+    blocks = run_merge(spec, tmp_path / "blocks", progress=False, workers=1, block_elements=1 << 18)
+    assert files(tmp_path / "whole") == files(tmp_path / "blocks")
+    assert whole.max_task_rss_growth > 150e6, whole  # the whole-tensor merge holds all inputs at once
+    # streamed: the shard's output (34 MB) plus a few 1 MB blocks
+    assert blocks.max_task_rss_growth < 90e6, blocks
+
+
+def test_two_node_cluster_through_the_cli(family, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    base, experts = family
+    spec_path = tmp_path / "merge.yaml"
+    spec_path.write_text(yaml.safe_dump({"method": "ties", "base": str(base), "experts": [str(e) for e in experts]}))
+    run_merge(spec_of("ties", base, experts), tmp_path / "local", progress=False)
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        res = subprocess.run(
+            [sys.executable, "-m", "mergescale.cli", "merge", str(spec_path), "--out", str(tmp_path / "cluster"),
+             "--address", cluster.address],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""},
+        )  # fmt: skip
+    finally:
+        cluster.shutdown()
+    assert res.returncode == 0, res.stderr
+    assert "on 2 worker(s), 2 node(s)" in res.stderr, res.stderr
+    assert files(tmp_path / "cluster") == files(tmp_path / "local")
