@@ -44,7 +44,8 @@ class TensorContext:
     ``stats`` is the reduced result of the method's statistics passes (None without them);
     ``order`` is the tensor's position in the model's sorted tensor names (for global tie-breaks).
     When the engine streams a big tensor in blocks of rows (see ``Method.rowwise``), ``block`` is
-    the block's index and ``local`` the reduced result of the method's block passes over this tensor.
+    the block's index among ``blocks`` and ``local`` the reduced result of the method's block passes
+    over this tensor.
     """
 
     name: str
@@ -52,6 +53,7 @@ class TensorContext:
     stats: Any = None
     order: int = 0
     block: int = 0
+    blocks: int = 1
     local: Any = None
 
     def generator(self, expert: int) -> torch.Generator:

@@ -37,13 +37,16 @@ def combine(
     for d, w in zip(deltas, weights, strict=True):
         mixed.add_(d, alpha=float(w))
     if elect:
-        majority = torch.where(mixed >= 0, 1.0, -1.0)
+        # an entry survives where its sign agrees with the elected one: d · sign > 0.  Summing
+        # w · max(d · sign, 0) and multiplying by the sign once gives Σ w d over the survivors exactly.
+        sign = torch.where(mixed >= 0, 1.0, -1.0)
         mixed.zero_()
         divisor = torch.zeros_like(base)
         for d, w in zip(deltas, weights, strict=True):
-            keep = d.sign() == majority
-            mixed.add_(d * keep, alpha=float(w))
-            divisor.add_(keep, alpha=float(w))
+            agree = d * sign
+            divisor.add_(agree > 0, alpha=float(w))
+            mixed.add_(agree.clamp_min_(0), alpha=float(w))
+        mixed.mul_(sign)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
         total = sum(float(w) for w in weights)
@@ -126,12 +129,18 @@ class Ties(_Family):
         return _selection_stats(step, base, experts, params, ctx.stats)
 
     def block_stats(self, step, base, experts, params, ctx):
+        if ctx.blocks == 1:  # the whole tensor at hand: select exactly in one pass, skip the second
+            return _one_block_selection(base, experts, params) if step == 0 else None
         return _selection_stats(step, base, experts, params, ctx.local)
 
     def reduce(self, step, per_tensor, previous):
         return _select(step, per_tensor, previous)
 
     def reduce_blocks(self, step, per_block, previous):
+        if isinstance(per_block[0], dict):  # already final (one block)
+            return per_block[0]
+        if previous is not None and "keep" in previous:
+            return previous
         return _select(step, dict(enumerate(per_block)), previous)
 
     def merge(self, base, experts, params, ctx):
@@ -153,6 +162,23 @@ def _selection_stats(step: int, base, experts, params, state):
     if step == 0:
         return [(sp.bit_histogram(d), d.numel(), p.density) for d, p in zip(deltas, params, strict=True)]
     return [sp.bin_values(d, b) for d, (b, _) in zip(deltas, state["bins"], strict=True)]
+
+
+def _one_block_selection(base, experts, params) -> dict:
+    """Both selection passes on one whole tensor, computing each expert's |τ| bits once."""
+    keep = []
+    for e, p in zip(experts, params, strict=True):
+        bits = sp.magnitude_bits(e - base)
+        n, k = bits.numel(), int(p.density * bits.numel())
+        if k <= 0:
+            keep.append(((1 << 31) - 1, {0: 0}))
+        elif k >= n:
+            keep.append((-1, {0: 0}))
+        else:
+            b, need = sp.boundary_bin(torch.bincount(bits >> 16, minlength=sp.BINS), k)
+            thr, counts = sp.global_threshold([bits[(bits >> 16) == b]], need)
+            keep.append((thr, {0: counts[0]}))
+    return {"keep": keep}
 
 
 def _select(step: int, parts: dict, previous):

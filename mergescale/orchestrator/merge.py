@@ -247,7 +247,9 @@ class _TensorInputs:
     def context(self, state) -> TensorContext:
         """The tensor's context, after running the method's block passes (``ctx.local``)."""
         plan = self.plan
-        ctx = TensorContext(name=self.name, seed=plan.spec.seed, stats=state, order=plan.order[self.name])
+        ctx = TensorContext(
+            name=self.name, seed=plan.spec.seed, stats=state, order=plan.order[self.name], blocks=len(self.blocks)
+        )
         for step in range(self.method.block_passes(self.params)):
             per_block = []
             for i in range(len(self.blocks)):
