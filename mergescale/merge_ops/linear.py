@@ -21,9 +21,11 @@ def task_arithmetic(
         raise ValueError(f"task_arithmetic: {len(experts)} experts but {len(weights)} weights")
     base32 = base.to(torch.float32)
     delta = torch.zeros_like(base32)
+    diff = torch.empty_like(base32)  # one scratch buffer: no fresh allocation per expert
     for expert, w in zip(experts, weights, strict=True):
-        delta.add_(expert.to(torch.float32) - base32, alpha=float(w))
-    return (base32 + lam * delta).to(base.dtype)
+        torch.sub(expert.to(torch.float32), base32, out=diff)
+        delta.add_(diff, alpha=float(w))
+    return delta.mul_(lam).add_(base32).to(base.dtype)
 
 
 @register

@@ -127,8 +127,12 @@ def global_threshold(per_tensor: list[torch.Tensor], need: int) -> tuple[int, li
 
 
 def threshold_mask(x: torch.Tensor, thr: int, equal_keep: int) -> torch.Tensor:
-    bits = magnitude_bits(x)
+    return bits_mask(magnitude_bits(x), thr, equal_keep).reshape(x.shape)
+
+
+def bits_mask(bits: torch.Tensor, thr: int, equal_keep: int) -> torch.Tensor:
+    """Keep patterns above ``thr`` and the first ``equal_keep`` equal to it (flat order)."""
     mask = bits > thr
     if equal_keep > 0:
         mask[torch.nonzero(bits == thr).reshape(-1)[:equal_keep]] = True
-    return mask.reshape(x.shape)
+    return mask

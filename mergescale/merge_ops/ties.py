@@ -148,12 +148,16 @@ class Ties(_Family):
             for step in range(2):
                 stats = self.block_stats(step, base, experts, params, ctx)
                 ctx = replace(ctx, local=self.reduce_blocks(step, [stats], ctx.local))
+        if ctx.local is not None and "trimmed" in ctx.local:  # one block: selected and trimmed already
+            p0 = params[0]
+            weights = [p.weight for p in params]
+            return combine(base, ctx.local["trimmed"], weights, elect=True, normalize=p0.normalize, lam=p0.lambda_)
         return super().merge(base, experts, params, ctx)
 
     def sparsify(self, delta, p, ctx, i):
         state, part = (ctx.stats, ctx.name) if p.scope == "global" else (ctx.local, ctx.block)
         thr, counts = state["keep"][i]
-        return delta * sp.threshold_mask(delta, thr, counts[part])
+        return delta.mul_(sp.threshold_mask(delta, thr, counts[part]))  # delta is this merge's own: in place
 
 
 def _selection_stats(step: int, base, experts, params, state):
@@ -165,20 +169,24 @@ def _selection_stats(step: int, base, experts, params, state):
 
 
 def _one_block_selection(base, experts, params) -> dict:
-    """Both selection passes on one whole tensor, computing each expert's |τ| bits once."""
-    keep = []
+    """Both selection passes on one whole tensor, computing each expert's τ and |τ| bits once; the
+    trimmed task vectors are kept for the merge pass (they are what it needs)."""
+    keep, trimmed = [], []
     for e, p in zip(experts, params, strict=True):
-        bits = sp.magnitude_bits(e - base)
+        delta = e - base
+        bits = sp.magnitude_bits(delta)
         n, k = bits.numel(), int(p.density * bits.numel())
         if k <= 0:
-            keep.append(((1 << 31) - 1, {0: 0}))
+            thr, equal = (1 << 31) - 1, 0
         elif k >= n:
-            keep.append((-1, {0: 0}))
+            thr, equal = -1, 0
         else:
             b, need = sp.boundary_bin(torch.bincount(bits >> 16, minlength=sp.BINS), k)
             thr, counts = sp.global_threshold([bits[(bits >> 16) == b]], need)
-            keep.append((thr, {0: counts[0]}))
-    return {"keep": keep}
+            equal = counts[0]
+        keep.append((thr, {0: equal}))
+        trimmed.append(delta.mul_(sp.bits_mask(bits, thr, equal).reshape(delta.shape)))
+    return {"keep": keep, "trimmed": trimmed}
 
 
 def _select(step: int, parts: dict, previous):
