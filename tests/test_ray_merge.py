@@ -236,3 +236,15 @@ def test_two_node_cluster_through_the_cli(family, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "on 2 worker(s), 2 node(s)" in res.stderr, res.stderr
     assert files(tmp_path / "cluster") == files(tmp_path / "local")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear"])
+def test_bf16_experts_read_as_stored_give_the_bytes_of_upcasting_first(method, tmp_path, monkeypatch):
+    """Methods with ``experts_as_stored`` skip the experts' fp32 upcast; no output bit may change."""
+    small = {**SMALL, "vocab_size": 2048, "num_hidden_layers": 2}
+    base, experts = write_family(tmp_path / "bf16", small, n_experts=2, dtype=torch.bfloat16)
+    spec = spec_of(method, base, experts, **({} if method == "task_arithmetic" else {"density": 0.3}))
+    assert get_method(method).experts_as_stored
+    run_merge(spec, tmp_path / "ray", progress=False, workers=2, block_elements=1 << 16)
+    monkeypatch.setattr(type(get_method(method)), "experts_as_stored", False)
+    assert files(tmp_path / "ray") == single_process(spec, tmp_path / "upcast")

@@ -23,7 +23,7 @@ def task_arithmetic(
     delta = torch.zeros_like(base32)
     diff = torch.empty_like(base32)  # one scratch buffer: no fresh allocation per expert
     for expert, w in zip(experts, weights, strict=True):
-        torch.sub(expert.to(torch.float32), base32, out=diff)
+        torch.sub(expert, base32, out=diff)  # a bf16 / fp16 expert is promoted exactly, in the kernel
         delta.add_(diff, alpha=float(w))
     return delta.mul_(lam).add_(base32).to(base.dtype)
 
@@ -56,6 +56,7 @@ class TaskArithmetic(Method):
     """θ0 + λ Σ wi τi (negation: a negative weight; analogies: signed weights)."""
 
     name = "task_arithmetic"
+    experts_as_stored = True
 
     class Params(MethodParams):
         weight: float = 1.0

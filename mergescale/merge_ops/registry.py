@@ -13,7 +13,8 @@ A method is one class in one file under ``merge_ops/``, decorated with ``@regist
 
         def merge(self, base, experts, params, ctx): ...
 
-``merge`` receives one tensor name's inputs, already cast to fp32, and ``params``: one
+``merge`` receives one tensor name's inputs, already cast to fp32 (experts: see
+``experts_as_stored``), and ``params``: one
 resolved ``Params`` per expert (granularity is resolved before the method sees them, see
 ``granularity.py``).  Fields listed in ``per_expert`` may differ between experts; the others
 are the same in every element.  Methods are pure functions of their inputs: no files, no Ray.
@@ -70,6 +71,10 @@ class Method:
     per_expert: ClassVar[frozenset[str]] = frozenset({"weight"})
     #: number of experts the method accepts (None = any number ≥ 1)
     n_experts: ClassVar[int | None] = None
+    #: experts may arrive in their stored float dtype (bf16, fp16) rather than fp32: the method
+    #: uses an expert only in arithmetic with the fp32 base (``e - base``), which promotes exactly,
+    #: so skipping the separate upcast changes no bit and saves a pass over every expert
+    experts_as_stored: ClassVar[bool] = False
 
     class Params(MethodParams):
         pass

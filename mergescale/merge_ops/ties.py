@@ -58,6 +58,7 @@ def combine(
 
 class _Family(Method):
     needs_base = True
+    experts_as_stored = True  # every use of an expert is `e - base`
     elect: ClassVar[bool]
     per_expert = frozenset({"weight", "density", "gamma", "epsilon"})
 
