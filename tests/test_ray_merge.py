@@ -248,3 +248,14 @@ def test_bf16_experts_read_as_stored_give_the_bytes_of_upcasting_first(method, t
     run_merge(spec, tmp_path / "ray", progress=False, workers=2, block_elements=1 << 16)
     monkeypatch.setattr(type(get_method(method)), "experts_as_stored", False)
     assert files(tmp_path / "ray") == single_process(spec, tmp_path / "upcast")
+
+
+def test_device_and_workers_are_checked_against_the_cluster(tiny_zoo, tmp_path):
+    spec = spec_of("task_arithmetic", tiny_zoo.base, [tiny_zoo.experts["upper"]])
+    with pytest.raises(MergescaleError, match="--device cuda: the Ray cluster has no GPUs"):
+        run_merge(spec, tmp_path / "cuda", progress=False, device="cuda")
+    with pytest.raises(MergescaleError, match="--workers 0: need at least 1"):
+        run_merge(spec, tmp_path / "zero", progress=False, workers=0)
+    with pytest.raises(MergescaleError, match="--device gpu: choose auto, cpu or cuda"):
+        run_merge(spec, tmp_path / "gpu", progress=False, device="gpu")
+    assert not list(tmp_path.iterdir()), "nothing may be left behind"
