@@ -215,7 +215,9 @@ def test_memory_of_a_shard_task_is_bounded_by_blocks_not_tensors(family, tmp_pat
     assert blocks.max_task_rss_growth < 90e6, blocks
 
 
-def test_two_node_cluster_through_the_cli(family, tmp_path):
+@pytest.mark.parametrize("how", ["--address", "RAY_ADDRESS"])
+def test_two_node_cluster_through_the_cli(how, family, tmp_path):
+    """`--address`, or `RAY_ADDRESS` as `ray job submit` sets it for its entrypoint."""
     from ray.cluster_utils import Cluster
 
     base, experts = family
@@ -226,10 +228,12 @@ def test_two_node_cluster_through_the_cli(family, tmp_path):
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
+        cmd = [sys.executable, "-m", "mergescale.cli", "merge", str(spec_path), "--out", str(tmp_path / "cluster")]
+        by_flag = how == "--address"
         res = subprocess.run(
-            [sys.executable, "-m", "mergescale.cli", "merge", str(spec_path), "--out", str(tmp_path / "cluster"),
-             "--address", cluster.address],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""},
+            cmd + (["--address", cluster.address] if by_flag else []),
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, "RAY_ADDRESS": "" if by_flag else cluster.address},
         )  # fmt: skip
     finally:
         cluster.shutdown()
