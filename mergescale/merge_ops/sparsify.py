@@ -112,26 +112,30 @@ def bin_values(x: torch.Tensor, b: int) -> torch.Tensor:
     return bits[(bits >> 16) == b]
 
 
-def global_threshold(per_tensor: list[torch.Tensor], need: int) -> tuple[int, list[int]]:
-    """Threshold pattern and, per tensor (model order), how many of its elements equal to it are kept."""
+def global_threshold(per_tensor: list[torch.Tensor], need: int) -> tuple[int, list[tuple[int, int]]]:
+    """Threshold pattern and, per part (model order), (how many of its elements equal to the threshold
+    are kept, how many it has)."""
     allbits = torch.cat(per_tensor)
     ordered = torch.sort(allbits, descending=True, stable=True).values
     thr = int(ordered[need - 1])
     equal_kept = int((ordered[:need] == thr).sum())
     counts = []
     for bits in per_tensor:
-        here = min(int((bits == thr).sum()), equal_kept)
-        counts.append(here)
+        total = int((bits == thr).sum())
+        here = min(total, equal_kept)
+        counts.append((here, total))
         equal_kept -= here
     return thr, counts
 
 
-def threshold_mask(x: torch.Tensor, thr: int, equal_keep: int) -> torch.Tensor:
-    return bits_mask(magnitude_bits(x), thr, equal_keep).reshape(x.shape)
+def threshold_mask(x: torch.Tensor, thr: int, equal_keep: int, equal_total: int) -> torch.Tensor:
+    return bits_mask(magnitude_bits(x), thr, equal_keep, equal_total).reshape(x.shape)
 
 
-def bits_mask(bits: torch.Tensor, thr: int, equal_keep: int) -> torch.Tensor:
-    """Keep patterns above ``thr`` and the first ``equal_keep`` equal to it (flat order)."""
+def bits_mask(bits: torch.Tensor, thr: int, equal_keep: int, equal_total: int) -> torch.Tensor:
+    """Keep patterns above ``thr`` and the first ``equal_keep`` of the ``equal_total`` equal to it (flat order)."""
+    if equal_keep == equal_total:  # the usual case: no tie to break at the threshold
+        return bits >= thr
     mask = bits > thr
     if equal_keep > 0:
         mask[torch.nonzero(bits == thr).reshape(-1)[:equal_keep]] = True

@@ -39,7 +39,7 @@ def combine(
     if elect:
         # an entry survives where its sign agrees with the elected one: d · sign > 0.  Summing
         # w · max(d · sign, 0) and multiplying by the sign once gives Σ w d over the survivors exactly.
-        sign = torch.where(mixed >= 0, 1.0, -1.0)
+        sign = torch.ones_like(mixed).copysign_(mixed)  # +1 where Σ ≥ 0 (it is never -0.0), else -1
         mixed.zero_()
         divisor = torch.zeros_like(base)
         for d, w in zip(deltas, weights, strict=True):
@@ -47,7 +47,7 @@ def combine(
             divisor.add_(agree > 0, alpha=float(w))
             mixed.add_(agree.clamp_min_(0), alpha=float(w))
         mixed.mul_(sign)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        divisor.add_(divisor == 0)  # an empty divisor becomes 1 (adding the bool mask is the cheap way)
     else:
         total = sum(float(w) for w in weights)
         divisor = total if abs(total) >= 1e-8 else 1.0
@@ -158,7 +158,7 @@ class Ties(_Family):
     def sparsify(self, delta, p, ctx, i):
         state, part = (ctx.stats, ctx.name) if p.scope == "global" else (ctx.local, ctx.block)
         thr, counts = state["keep"][i]
-        return delta.mul_(sp.threshold_mask(delta, thr, counts[part]))  # delta is this merge's own: in place
+        return delta.mul_(sp.threshold_mask(delta, thr, *counts[part]))  # delta is this merge's own: in place
 
 
 def _selection_stats(step: int, base, experts, params, state):
@@ -178,15 +178,16 @@ def _one_block_selection(base, experts, params) -> dict:
         bits = sp.magnitude_bits(delta)
         n, k = bits.numel(), int(p.density * bits.numel())
         if k <= 0:
-            thr, equal = (1 << 31) - 1, 0
+            thr, equal = NOTHING, (0, 0)
         elif k >= n:
-            thr, equal = -1, 0
+            thr, equal = EVERYTHING, (0, 0)
         else:
-            b, need = sp.boundary_bin(torch.bincount(bits >> 16, minlength=sp.BINS), k)
-            thr, counts = sp.global_threshold([bits[(bits >> 16) == b]], need)
+            top = bits >> 16
+            b, need = sp.boundary_bin(torch.bincount(top, minlength=sp.BINS), k)
+            thr, counts = sp.global_threshold([bits[top == b]], need)
             equal = counts[0]
         keep.append((thr, {0: equal}))
-        trimmed.append(delta.mul_(sp.bits_mask(bits, thr, equal).reshape(delta.shape)))
+        trimmed.append(delta.mul_(sp.bits_mask(bits, thr, *equal).reshape(delta.shape)))
     return {"keep": keep, "trimmed": trimmed}
 
 
@@ -204,10 +205,10 @@ def _select(step: int, parts: dict, previous):
         return {"bins": bins}
     keep = []
     for i, (b, need) in enumerate(previous["bins"]):
-        if b == -1:  # keep nothing
-            keep.append(((1 << 31) - 1, dict.fromkeys(keys, 0)))
-        elif b == BINS_ALL:  # keep everything
-            keep.append((-1, dict.fromkeys(keys, 0)))
+        if b == -1:
+            keep.append((NOTHING, dict.fromkeys(keys, (0, 0))))
+        elif b == BINS_ALL:
+            keep.append((EVERYTHING, dict.fromkeys(keys, (0, 0))))
         else:
             thr, counts = sp.global_threshold([parts[key][i] for key in keys], need)
             keep.append((thr, dict(zip(keys, counts, strict=True))))
@@ -215,6 +216,8 @@ def _select(step: int, parts: dict, previous):
 
 
 BINS_ALL = sp.BINS  # a sentinel bin index: keep every element
+NOTHING = (1 << 31) - 1  # a threshold no finite magnitude reaches (that pattern is a NaN)
+EVERYTHING = -1  # a threshold every magnitude's pattern exceeds
 
 
 class _DareParams(_Common):
