@@ -67,6 +67,9 @@ class _Family(Method):
 
     def merge(self, base, experts, params, ctx):
         deltas = [self.sparsify(e - base, p, ctx, i) for i, (e, p) in enumerate(zip(experts, params, strict=True))]
+        return self.combine(base, deltas, params)
+
+    def combine(self, base, deltas, params):
         p0 = params[0]
         return combine(
             base, deltas, [p.weight for p in params], elect=self.elect, normalize=p0.normalize, lam=p0.lambda_
@@ -150,9 +153,7 @@ class Ties(_Family):
                 stats = self.block_stats(step, base, experts, params, ctx)
                 ctx = replace(ctx, local=self.reduce_blocks(step, [stats], ctx.local))
         if ctx.local is not None and "trimmed" in ctx.local:  # one block: selected and trimmed already
-            p0 = params[0]
-            weights = [p.weight for p in params]
-            return combine(base, ctx.local["trimmed"], weights, elect=True, normalize=p0.normalize, lam=p0.lambda_)
+            return self.combine(base, ctx.local["trimmed"], params)
         return super().merge(base, experts, params, ctx)
 
     def sparsify(self, delta, p, ctx, i):

@@ -228,15 +228,15 @@ def _blocks(rows: int | None, row_elements: int, block_elements: int | None) -> 
 class _TensorInputs:
     """One tensor's inputs, block by block, as the method sees them (fp32, common vocabulary rows)."""
 
-    def __init__(self, plan: MergePlan, models: list[ModelDir], name: str, device: str):
+    def __init__(self, plan: MergePlan, models: list[ModelDir], name: str, device: str, whole: bool = False):
         self.plan, self.models, self.name, self.device = plan, models, name, device
         self.method = get_method(plan.spec.method)
         self.params = params_for(plan.spec, locate(name, plan.num_layers))
         shape = models[0].shape(name)
         common = min(m.shape(name)[0] for m in models) if name in plan.vocab_rows else (shape[0] if shape else None)
         self.shape, self.common = shape, common
-        rowwise = self.method.rowwise(self.params)
-        self.blocks = _blocks(common, math.prod(shape[1:]), plan.block_elements if rowwise else None)
+        streamed = self.method.rowwise(self.params) and not whole
+        self.blocks = _blocks(common, math.prod(shape[1:]), plan.block_elements if streamed else None)
         self._cache: tuple | None = None
 
     def read(self, i: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -273,8 +273,7 @@ def tensor_stats(plan: MergePlan, models: list[ModelDir], name: str, step: int, 
     """One tensor's statistics for pass ``step`` (None for non-float tensors, which are never merged)."""
     if not models[0].dtype(name).is_floating_point:
         return None
-    x = _TensorInputs(plan, models, name, device)
-    x.blocks = [None] if x.common is None else [(0, x.common)]  # statistics passes see the whole tensor
+    x = _TensorInputs(plan, models, name, device, whole=True)  # statistics passes see the whole tensor
     ctx = TensorContext(name=name, seed=plan.spec.seed, stats=state, order=plan.order[name])
     base, experts = x.read(0)
     return x.method.tensor_stats(step, base, experts, x.params, ctx)
