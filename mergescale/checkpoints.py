@@ -290,3 +290,19 @@ def publish(
         out.rmdir()
     os.rename(staging, out)
     return out
+
+
+def weights_sha256(path: Path | str) -> str:
+    """A content hash of a model directory's weights: sha256 over its safetensors files' own sha256s, in
+    name order (the same bytes give the same hash whatever the directory is called)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise MergescaleError(f"{path}: no *.safetensors weights; pass a Hugging Face model directory")
+    outer = hashlib.sha256()
+    for file in files:
+        inner = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                inner.update(chunk)
+        outer.update(f"{file.name}\0{inner.hexdigest()}\n".encode())
+    return outer.hexdigest()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from mergescale.errors import MergescaleError
 
 NOT_YET = {
-    "eval": "evaluate model directories on lm-eval tasks with the evaluator pool",
     "study": "run a study: many experts x many methods x held-in / held-out",
 }
 
@@ -57,6 +57,51 @@ def _merge(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(report.path)
+    return 0
+
+
+def _expert_pairs(values: list[str]) -> dict[str, str]:
+    experts = {}
+    for value in values:
+        task, sep, path = value.partition("=")
+        if not sep or not task or not path:
+            raise MergescaleError(f"--expert {value}: write TASK=MODEL_DIR (the expert trained for that held-in task)")
+        experts[task] = path
+    return experts
+
+
+def _eval(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-task bars; ours covers models x tasks
+    from mergescale.eval.report import print_results
+    from mergescale.orchestrator.evaluate import evaluate_models, write_rows
+
+    base, experts, known = args.base, _expert_pairs(args.expert), {}
+    tasks = [t for part in args.tasks for t in part.split(",") if t] if args.tasks else []
+    if args.zoo:
+        from mergescale.zoo.build import Zoo
+        from mergescale.zoo.lm_eval_tasks import PREFIX
+
+        zoo = Zoo.load(args.zoo)
+        base = base or zoo.base
+        known = {PREFIX + t: str(p) for t, p in zoo.experts.items()}
+        tasks = tasks or ["zoo"]
+    if not tasks:
+        raise MergescaleError("--tasks: name at least one lm-eval task (e.g. --tasks zoo_held_in,zoo_held_out)")
+    report = evaluate_models(
+        args.models, tasks, base=base, experts=experts, known_experts=known, include_paths=args.include_path,
+        limit=args.limit, backend=args.backend, divergences=not args.no_divergence, address=args.address, actors=args.actors,
+        threads=args.threads, device=args.device, max_model_len=args.max_model_len, progress=not args.quiet,
+    )  # fmt: skip
+    print_results(report.rows, [str(Path(m).resolve()) for m in args.models])
+    pool = report.pool
+    print(
+        f"evaluated {report.models} models x {len({r['task'] for r in report.rows if r['kind'] == 'score'})} tasks "
+        f"in {report.seconds:.1f} s on {pool.get('actors')} {args.backend} evaluator(s): "
+        f"{pool.get('engines_started')} engine start(s), {pool.get('swaps')} hot swap(s)",
+        file=sys.stderr,
+    )
+    if args.out:
+        print(write_rows(report.rows, args.out, "eval"))
     return 0
 
 
@@ -113,6 +158,28 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", help="auto (cuda when the cluster has GPUs) | cpu | cuda")
     m.add_argument("--workers", type=int, help="shard tasks in flight at once (default: the cluster's CPUs)")
     m.set_defaults(run=_merge)
+
+    e = sub.add_parser("eval", help="evaluate model directories on lm-eval tasks with the evaluator pool")
+    e.add_argument("models", nargs="+", type=Path, metavar="MODEL_DIR", help="Hugging Face model directories")
+    e.add_argument("--tasks", action="append", help="lm-eval tasks, groups or tags, comma-separated (repeatable)")
+    e.add_argument("--include-path", action="append", default=[], help="directory of extra lm-eval task YAMLs")
+    e.add_argument("--base", type=Path, help="the base model: held-out scores are normalized against it")
+    e.add_argument(
+        "--expert", action="append", default=[], metavar="TASK=DIR",
+        help="the expert of a held-in task: its score normalizes that task's, and divergences are measured to it",
+    )  # fmt: skip
+    e.add_argument("--zoo", type=Path, help="a zoo directory: its base and experts as references (default tasks: zoo)")
+    e.add_argument("--limit", type=int, help="documents per task (default: all)")
+    e.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
+    e.add_argument("--no-divergence", action="store_true", help="skip the JS / KL columns")
+    e.add_argument("--out", type=Path, help="write the rows to OUT/eval.parquet")
+    e.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
+    e.add_argument("--actors", type=int, help="evaluator actors (default: one per GPU, or CPUs // threads)")
+    e.add_argument("--threads", type=int, help="threads per CPU evaluator (default: 2)")
+    e.add_argument("--device", default="auto", help="auto (cuda when the cluster has GPUs) | cpu | cuda")
+    e.add_argument("--max-model-len", type=int, help="engine context length (default: the model's, at most 4096)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(run=_eval)
 
     for name, help_ in NOT_YET.items():
         sp = sub.add_parser(name, help=f"{help_} [not implemented yet]", add_help=False)
