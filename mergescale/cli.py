@@ -90,7 +90,8 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate_models(
         args.models, tasks, base=base, experts=experts, known_experts=known, include_paths=args.include_path,
         limit=args.limit, backend=args.backend, divergences=not args.no_divergence, address=args.address,
-        actors=args.actors, threads=args.threads, device=args.device, max_model_len=args.max_model_len, progress=not args.quiet,
+        actors=args.actors, threads=args.threads, device=args.device, max_model_len=args.max_model_len,
+        progress=not args.quiet,
     )  # fmt: skip
     print_results(report.rows, [str(Path(m).resolve()) for m in args.models])
     pool = report.pool
