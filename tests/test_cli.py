@@ -22,12 +22,20 @@ def test_help_lists_every_subcommand():
 
 
 def test_unimplemented_subcommands_say_so_and_fail():
-    for sub in ("eval", "study"):
+    for sub in ("study",):
         res = run(sub, "anything")
         assert res.returncode != 0
         assert "not implemented yet" in res.stderr
         assert "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_eval_of_a_missing_model_dir_is_one_line(tmp_path):
+    res = run("eval", str(tmp_path / "nowhere"), "--tasks", "zoo_upper")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"mergescale: error: {tmp_path / 'nowhere'}: not a Hugging Face model directory (no config.json)"
+    ]
 
 
 def test_user_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):

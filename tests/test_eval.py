@@ -288,3 +288,19 @@ def test_cli_eval_scores_a_merged_model_against_the_zoo(tiny_zoo, pool, tmp_path
     assert 0 < mine[("zoo_upper", "divergence", "js")]["value"] < math.log(2)
     experts = {r["model"] for r in rows if r["task"] == "zoo_upper" and r["kind"] == "score"}
     assert len(experts) == 4  # merged, base and the two held-in experts, each scored once
+
+
+@pytest.mark.slow
+def test_a_users_task_yaml_runs_through_include_path(tiny_zoo, hf, tmp_path):
+    """A task the user writes (here: the zoo's copy task under another name, few-shot) is found by
+    --include-path and scored like any other."""
+    (tmp_path / "my_copy.yaml").write_text(
+        (TASKS_DIR / "zoo" / "zoo_copy.yaml").read_text().replace("task: zoo_copy", "task: my_copy")
+        .replace("!function utils.", "!function my_utils.")
+        .replace("  - zoo_held_out\n", "  - mine\n").replace("  - zoo\n", "")
+    )  # fmt: skip
+    (tmp_path / "my_utils.py").write_text("from mergescale.eval.lm_tasks.zoo.utils import *  # noqa\n")
+    model = str(tiny_zoo.base)
+    mine = run_tasks(MergescaleLM(hf, model), load_tasks(["mine"], include_paths=[tmp_path]), limit=30)
+    ours = run_tasks(MergescaleLM(hf, model), load_tasks(["zoo_copy"]), limit=30)
+    assert list(mine) == ["my_copy"] and mine["my_copy"].metrics == ours["zoo_copy"].metrics
