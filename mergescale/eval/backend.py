@@ -33,7 +33,7 @@ from mergescale.errors import MergescaleError
 log = logging.getLogger(__name__)
 
 #: config keys that do not change what an engine computes or how it is built
-_NOT_SIGNATURE = {"_name_or_path", "transformers_version", "architectures_note", "dtype", "torch_dtype"}
+_NOT_SIGNATURE = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
 
 
 class IncompatibleModel(MergescaleError):

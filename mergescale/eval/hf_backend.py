@@ -82,7 +82,6 @@ class HFBackend(Backend):
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         first = 0
         while first < len(order):
-            width = len(seqs[order[first]])
             last = first + 1
             while (
                 last < len(order) and (last - first + 1) * len(seqs[order[last]]) * self.vocab_size <= LOGITS_PER_BATCH

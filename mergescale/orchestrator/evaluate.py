@@ -40,7 +40,6 @@ class EvalReport:
     seconds: float
     models: int  # models evaluated, references included
     pool: dict = field(default_factory=dict)  # EvaluatorPool.stats()
-    path: Path | None = None  # the Parquet file written, if any
 
 
 def _references_dir() -> Path:
