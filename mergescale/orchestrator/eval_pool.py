@@ -103,7 +103,7 @@ class EvaluatorPool:
             raise MergescaleError("--actors and --threads must be at least 1")
         self.backend = backend
         self._actor_class = ray.remote(Evaluator).options(
-            **options, max_restarts=0, scheduling_strategy="SPREAD", name=None,
+            **options, max_restarts=0, scheduling_strategy="SPREAD",
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.threads), "TQDM_DISABLE": "1",
                                       "VLLM_LOGGING_LEVEL": "WARNING"}},
         )  # fmt: skip

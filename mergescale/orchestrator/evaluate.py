@@ -91,7 +91,8 @@ def evaluate_models(
         if task not in names:
             raise MergescaleError(f"--expert {task}=...: {task} is not among the evaluated tasks ({', '.join(names)})")
     roles = {t: scores.HELD_IN if t in experts else scores.HELD_OUT for t in names}
-    hashes = {m: weights_sha256(m) for m in dict.fromkeys([*experts.values(), *([base] if base else []), *models])}
+    references = list(dict.fromkeys([*experts.values(), *([base] if base else [])]))
+    hashes = {m: weights_sha256(m) for m in dict.fromkeys([*references, *models])}
 
     # the inputs divergences are measured on: each held-in generation task's prompts
     prompts = {t: generation_prompts(leaf_tasks(task_dict)[t], limit) for t in experts} if divergences else {}
@@ -120,7 +121,6 @@ def evaluate_models(
         divs = {task: lease.divergence(model, str(ref_files[task])) for task in ref_files} if phase == 2 else {}
         return {"results": results, "divergences": divs, "seconds": seconds + time.perf_counter() - t0}
 
-    references = list(dict.fromkeys([*experts.values(), *([base] if base else [])]))
     own_pool = pool is None
     if own_pool:
         connect(address)
