@@ -23,24 +23,47 @@ from mergescale.merge_ops.registry import Method, MethodParams, register
 SMOOTH = 1e-8
 
 
+def _abs_cos(gram: torch.Tensor, proj: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of the smoothed |cos(τi − δ, τj − δ)| from ⟨τi, τj⟩ (``gram``), ⟨τi, δ⟩ (``proj``)
+    and ⟨δ, δ⟩ (``dd``): ⟨τi − δ, τj − δ⟩ = ⟨τi, τj⟩ − ⟨τi, δ⟩ − ⟨τj, δ⟩ + ⟨δ, δ⟩."""
+    dots = gram - proj[:, None] - proj[None, :] + dd
+    norms = torch.sqrt(dots.diagonal().clamp(min=0) + SMOOTH)
+    i, j = torch.triu_indices(len(gram), len(gram), offset=1)
+    cos = dots[i, j] / (norms[i] * norms[j])
+    return torch.sqrt(cos.square() + SMOOTH).mean()
+
+
+def _gram(stacked: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """⟨τi, τj⟩ in fp64, accumulated over column chunks (no fp64 copy of the task vectors)."""
+    gram = torch.zeros(len(stacked), len(stacked), dtype=torch.float64)
+    for start in range(0, stacked.shape[1], chunk):
+        block = stacked[:, start : start + chunk].double()
+        gram += block @ block.T
+    return gram
+
+
 def mean_abs_cos(taus: list[torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
     """Mean over pairs of the smoothed |cos(τi − δ, τj − δ)| of flattened vectors."""
-    vs = [t - delta for t in taus]
-    norms = [torch.sqrt(v.square().sum() + SMOOTH) for v in vs]
-    cos = [(vs[i] * vs[j]).sum() / (norms[i] * norms[j]) for i in range(len(vs)) for j in range(i + 1, len(vs))]
-    return torch.stack([torch.sqrt(c.square() + SMOOTH) for c in cos]).mean()
+    stacked = torch.stack(taus)
+    return _abs_cos(_gram(stacked), (stacked @ delta).double(), torch.dot(delta, delta).double()).float()
 
 
 def fit_delta(taus: list[torch.Tensor], alpha: float, steps: int, lr: float) -> torch.Tensor:
-    """The redundant vector δ of flattened task vectors ``taus`` (all the same length)."""
+    """The redundant vector δ of flattened task vectors ``taus`` (all the same length).
+
+    The n × n Gram matrix of the task vectors is computed once (fp64); a step then costs two
+    matrix-vector products with the stacked task vectors, whatever the number of pairs."""
     if len(taus) < 2:
         return torch.zeros_like(taus[0])
-    scale = torch.stack([torch.linalg.vector_norm(t) for t in taus]).mean().clamp(min=1e-12)
+    stacked = torch.stack(taus)
+    gram = _gram(stacked)
+    scale = gram.diagonal().sqrt().mean().clamp(min=1e-12)
     delta = torch.zeros_like(taus[0], requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
+    opt = torch.optim.Adam([delta], lr=lr, fused=True)
     with torch.enable_grad():
         for _ in range(steps):
-            loss = mean_abs_cos(taus, delta) + alpha * torch.sqrt(delta.square().sum() + SMOOTH) / scale
+            dd = torch.dot(delta, delta).double()
+            loss = _abs_cos(gram, (stacked @ delta).double(), dd) + alpha * torch.sqrt(dd + SMOOTH) / scale
             opt.zero_grad()
             loss.backward()
             opt.step()
