@@ -77,7 +77,7 @@ class VLLMBackend(Backend):
         from vllm import SamplingParams
 
         # prompt_logprobs=0: each prompt token's own log-probability and rank (rank 1 = the argmax)
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, flat_logprobs=True)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False)
         out = []
         for result, seq, start in zip(self._run(seqs, params), seqs, starts, strict=True):
             rows = result.prompt_logprobs
@@ -94,7 +94,7 @@ class VLLMBackend(Backend):
     def full_logprobs(self, seqs, starts) -> list[torch.Tensor]:
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=-1, flat_logprobs=True)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=-1, flat_logprobs=True, detokenize=False)
         out = []
         for result, seq, start in zip(self._run(seqs, params), seqs, starts, strict=True):
             rows = result.prompt_logprobs
