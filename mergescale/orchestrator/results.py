@@ -1,0 +1,87 @@
+"""The results store of a study: a directory of Parquet files, one per finished unit of work.
+
+Layout::
+
+    RESULTS/
+      study.yaml                     the spec that was run last (provenance; reports do not need it)
+      jobs/<job key>.parquet         the rows of one finished merge job (its merged model's evaluation)
+      references/<key>.parquet       the rows of one reference model (the base, an expert)
+      references/<task>-<hash>.safetensors   expert continuations + distributions (divergences)
+      models/<job key>/              merged models being evaluated (kept with ``keep_models: true``)
+
+Every Parquet file is written under a temporary dot-name and renamed into place, so a reader (and a
+rerun deciding what is done) sees a unit completely or not at all; ``pyarrow.dataset`` skips
+dot-files.  Rows are ``eval.scores.SCHEMA`` rows plus the job columns of :data:`SCHEMA`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from mergescale.errors import MergescaleError
+from mergescale.eval import scores
+
+JOBS, REFERENCES, MODELS = "jobs", "references", "models"
+#: job_kind of a row: a merged model, or one of the reference models
+MERGE, BASE, EXPERT = "merge", "base", "expert"
+
+SCHEMA = pa.schema(
+    [
+        *scores.SCHEMA,
+        pa.field("study", pa.string()),  # the study's name
+        pa.field("job_key", pa.string(), nullable=False),  # content hash of the unit (the file's name)
+        pa.field("job_kind", pa.string(), nullable=False),  # merge | base | expert
+        pa.field("method", pa.string()),  # merge method (null for references)
+        pa.field("label", pa.string()),  # method label: the method and its grid values, e.g. "ties density=0.2"
+        pa.field("parameters", pa.string()),  # the merge parameters as canonical JSON
+        pa.field("experts", pa.list_(pa.string())),  # names of the merged experts (an expert: its own name)
+        pa.field("n_experts", pa.int64()),  # len(experts); 0 for the base
+        pa.field("seed", pa.int64()),  # merge seed
+        pa.field("merge_seconds", pa.float64()),  # wall time of the merge (null for references)
+        pa.field("model_path", pa.string()),  # where the model is on disk (null once deleted)
+    ]
+)
+
+
+def complete(rows: Iterable[dict], **common) -> list[dict]:
+    """Every row with every column of :data:`SCHEMA` (``common`` fills columns the rows leave out)."""
+    return [{f.name: r.get(f.name, common.get(f.name)) for f in SCHEMA} for r in rows]
+
+
+def write_unit(results: Path | str, kind: str, key: str, rows: list[dict]) -> Path:
+    """Write one finished unit's rows to ``results/kind/key.parquet``, atomically."""
+    folder = Path(results) / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    path, tmp = folder / f"{key}.parquet", folder / f".{key}.parquet.tmp-{os.getpid()}"
+    try:
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def done_keys(results: Path | str, kind: str) -> set[str]:
+    """Keys of the units of ``kind`` already in the store."""
+    folder = Path(results) / kind
+    return {p.stem for p in folder.glob("*.parquet") if not p.name.startswith(".")} if folder.is_dir() else set()
+
+
+def read_unit(results: Path | str, kind: str, key: str) -> list[dict]:
+    return pq.read_table(Path(results) / kind / f"{key}.parquet", schema=SCHEMA).to_pylist()
+
+
+def read_results(results: Path | str) -> pa.Table:
+    """Every row in the store (jobs and references) as one table."""
+    results = Path(results)
+    files = [p for kind in (JOBS, REFERENCES) for p in sorted((results / kind).glob("*.parquet"))]
+    files = [p for p in files if not p.name.startswith(".")]
+    if not files:
+        raise MergescaleError(f"{results}: no results (no {JOBS}/*.parquet); run `mergescale study run` first")
+    return ds.dataset([str(p) for p in files], format="parquet", schema=SCHEMA).to_table()
