@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,14 +78,25 @@ def generation_prompts(task, limit: int | None) -> tuple[list[str], int] | None:
     return prompts, max(caps, default=256)
 
 
-def run_tasks(lm, task_dict: dict, limit: int | None = None) -> dict[str, TaskResult]:
-    """Evaluate ``lm`` on every leaf task of ``task_dict`` with lm-eval; one :class:`TaskResult` per task."""
+def run_tasks(lm, task_dict: dict, limit: int | None | Mapping[str, int | None] = None) -> dict[str, TaskResult]:
+    """Evaluate ``lm`` on every leaf task of ``task_dict`` with lm-eval; one :class:`TaskResult` per task.
+
+    ``limit``: documents per task, one number for all or ``{task: n}`` (lm-eval takes one limit per
+    call, so tasks are evaluated in one call per distinct limit)."""
     from lm_eval.evaluator import evaluate
 
-    with _quiet():
-        out = evaluate(lm, task_dict, limit=limit, bootstrap_iters=1000, log_samples=False, verbosity="ERROR")
+    tasks = leaf_tasks(task_dict)
+    limits = {name: limit.get(name) if isinstance(limit, Mapping) else limit for name in tasks}
+    out = {"results": {}, "n-samples": {}}
+    for value in dict.fromkeys(limits.values()):
+        part = {"tasks": {n: t for n, t in tasks.items() if limits[n] == value}, "groups": {}, "group_map": {}}
+        part = task_dict if len(set(limits.values())) == 1 else part
+        with _quiet():
+            got = evaluate(lm, part, limit=value, bootstrap_iters=1000, log_samples=False, verbosity="ERROR")
+        out["results"].update(got["results"])
+        out["n-samples"].update(got.get("n-samples", {}))
     results = {}
-    for name, task in leaf_tasks(task_dict).items():
+    for name, task in tasks.items():
         raw = out["results"][name]
         metrics, stderr = {}, {}
         for key, value in raw.items():
@@ -98,6 +109,12 @@ def run_tasks(lm, task_dict: dict, limit: int | None = None) -> dict[str, TaskRe
             stderr[label] = float(se) if isinstance(se, int | float) else None
         listed = [m["metric"] for m in (task.config.metric_list or []) if isinstance(m.get("metric"), str)]
         primary = next((m for m in listed if m in metrics), next(iter(metrics)))
-        n = out.get("n-samples", {}).get(name, {}).get("effective", 0)
+        n = out["n-samples"].get(name, {}).get("effective", 0)
         results[name] = TaskResult(name, metrics, stderr, int(n), primary)
     return results
+
+
+def subset(task_dict: dict, names: Sequence[str]) -> dict:
+    """A task dict holding only the leaf tasks ``names`` (the same task objects; groups dropped)."""
+    tasks = leaf_tasks(task_dict)
+    return {"tasks": {n: tasks[n] for n in names}, "groups": {}, "group_map": {}}

@@ -26,7 +26,7 @@ import mergescale
 from mergescale.checkpoints import weights_sha256
 from mergescale.errors import MergescaleError
 from mergescale.eval import scores
-from mergescale.eval.harness import generation_prompts, leaf_tasks, load_tasks, run_tasks
+from mergescale.eval.harness import generation_prompts, leaf_tasks, load_tasks, run_tasks, subset
 from mergescale.eval.lm import MergescaleLM
 from mergescale.orchestrator.cluster import connect
 from mergescale.orchestrator.eval_pool import EvaluatorPool, Lease
@@ -58,6 +58,91 @@ def _check_models(paths: Sequence[str | Path]) -> list[str]:
     return out
 
 
+class EvalSuite:
+    """What models are evaluated on, and against what: lm-eval tasks with their roles (held-in = a task
+    with an expert, held-out = the others), the reference models, document limits, and the expert
+    references divergences are measured against (files under ``reference_dir``).
+
+    ``evaluate`` scores one model on a lease of the evaluator pool; ``rows`` turns the outcomes of the
+    models and of the references into normalized rows.  Thread-safe: lm-eval task objects are
+    stateful, so each concurrent evaluation takes its own copy of the task set from a pool of them.
+    """
+
+    def __init__(self, tasks: Sequence[str], *, base: str | Path | None = None,
+                 experts: Mapping[str, str | Path] | None = None, include_paths: Sequence[str | Path] = (),
+                 limit: int | None | Mapping[str, int | None] = None, backend: str = "vllm",
+                 divergences: bool = True, reference_dir: Path | None = None,
+                 hashes: Mapping[str, str] | None = None):  # fmt: skip
+        self.tasks, self.include_paths, self.backend = list(tasks), list(include_paths), backend
+        self.task_dict = load_tasks(self.tasks, self.include_paths)
+        self.names = list(leaf_tasks(self.task_dict))
+        self.base = _check_models([base])[0] if base else None
+        self.experts = {task: _check_models([p])[0] for task, p in (experts or {}).items()}
+        for task in self.experts:
+            if task not in self.names:
+                raise MergescaleError(
+                    f"--expert {task}=...: {task} is not among the evaluated tasks ({', '.join(self.names)})"
+                )
+        self.limits = {t: limit.get(t, limit.get("default")) if isinstance(limit, Mapping) else limit
+                       for t in self.names}  # fmt: skip
+        self.roles = {t: scores.HELD_IN if t in self.experts else scores.HELD_OUT for t in self.names}
+        self.references = list(dict.fromkeys([*self.experts.values(), *([self.base] if self.base else [])]))
+        self.hashes = dict(hashes or {})
+        for m in self.references:
+            self.hashes.setdefault(m, weights_sha256(m))
+        # the inputs divergences are measured on: each held-in generation task's prompts
+        tasks_ = leaf_tasks(self.task_dict)
+        prompts = {t: generation_prompts(tasks_[t], self.limits[t]) for t in self.experts} if divergences else {}
+        self.prompts = {t: p for t, p in prompts.items() if p is not None}
+        reference_dir = reference_dir or _references_dir()
+        self.ref_files = {t: reference_dir / _reference_name(self.hashes[self.experts[t]], backend, t, *p)
+                          for t, p in self.prompts.items()}  # fmt: skip
+        self._task_sets: queue.SimpleQueue = queue.SimpleQueue()
+        self._task_sets.put(self.task_dict)
+
+    def evaluate(self, lease: Lease, model: str, tasks: Sequence[str] | None = None,
+                 divergences: Sequence[str] | None = None) -> dict:  # fmt: skip
+        """Score ``model`` on ``tasks`` (default: all) and measure its divergence to the experts of the
+        held-in tasks ``divergences`` (default: none).  The expert of a held-in task, evaluated here,
+        also writes its reference file if it is missing."""
+        t0 = time.perf_counter()
+        try:
+            mine = self._task_sets.get_nowait()
+        except queue.Empty:
+            mine = load_tasks(self.tasks, self.include_paths)
+        try:
+            wanted = self.names if tasks is None else list(tasks)
+            part = mine if wanted == self.names else subset(mine, wanted)
+            results = run_tasks(MergescaleLM(lease, model), part, self.limits) if wanted else {}
+        finally:
+            self._task_sets.put(mine)
+        for task, expert in self.experts.items():
+            if expert == model and task in self.ref_files and not self.ref_files[task].exists():
+                self.ref_files[task].parent.mkdir(parents=True, exist_ok=True)
+                lease.reference(model, self.prompts[task][0], self.prompts[task][1], str(self.ref_files[task]))
+        divs = {t: lease.divergence(model, str(self.ref_files[t])) for t in divergences or () if t in self.ref_files}
+        return {"results": results, "divergences": divs, "seconds": time.perf_counter() - t0}
+
+    def rows(self, outcome: Mapping[str, dict], hashes: Mapping[str, str]) -> list[dict]:
+        """Normalized rows (``eval.scores.SCHEMA``) of every model in ``outcome`` ({model: what
+        :meth:`evaluate` returned}); the references' outcomes must be among them."""
+        rows: list[dict] = []
+        for model, result in outcome.items():
+            rows += [
+                {**r, "weights_sha256": hashes[model], "eval_seconds": result["seconds"]}
+                for r in scores.score_rows(model, result["results"], self.roles)
+                + scores.divergence_rows(model, result["divergences"], self.experts)
+            ]
+        rows = scores.normalize(rows, self.base, self.experts)
+        for r in rows:
+            if r["kind"] == "summary":
+                r["weights_sha256"], r["eval_seconds"] = hashes[r["model"]], outcome[r["model"]]["seconds"]
+        from importlib.metadata import version
+
+        return scores.complete(rows, backend=self.backend, mergescale_version=mergescale.__version__,
+                               lm_eval_version=version("lm-eval"))  # fmt: skip
+
+
 def evaluate_models(
     models: Sequence[str | Path],
     tasks: Sequence[str],
@@ -82,44 +167,13 @@ def evaluate_models(
     for the held-in tasks among ``tasks`` and ignored for the others."""
     started = time.perf_counter()
     models = _check_models(models)
-    base = _check_models([base])[0] if base else None
-    task_dict = load_tasks(tasks, include_paths)
-    names = list(leaf_tasks(task_dict))
+    names = list(leaf_tasks(load_tasks(tasks, include_paths)))
     experts = {**{t: p for t, p in (known_experts or {}).items() if t in names}, **(experts or {})}
-    experts = {task: _check_models([p])[0] for task, p in experts.items()}
-    for task in experts:
-        if task not in names:
-            raise MergescaleError(f"--expert {task}=...: {task} is not among the evaluated tasks ({', '.join(names)})")
-    roles = {t: scores.HELD_IN if t in experts else scores.HELD_OUT for t in names}
-    references = list(dict.fromkeys([*experts.values(), *([base] if base else [])]))
-    hashes = {m: weights_sha256(m) for m in dict.fromkeys([*references, *models])}
-
-    # the inputs divergences are measured on: each held-in generation task's prompts
-    prompts = {t: generation_prompts(leaf_tasks(task_dict)[t], limit) for t in experts} if divergences else {}
-    prompts = {t: p for t, p in prompts.items() if p is not None}
-    ref_files = {t: _reference_file(hashes[experts[t]], backend, t, *p) for t, p in prompts.items()}
-
-    task_sets: queue.SimpleQueue = queue.SimpleQueue()  # lm-eval task objects are stateful: one set per thread
-    task_sets.put(task_dict)
-    done_scores: dict[str, tuple[dict, float]] = {}
-
-    def evaluate_one(lease: Lease, model: str, phase: int) -> dict:
-        t0 = time.perf_counter()
-        results, seconds = done_scores.get(model, (None, 0.0))
-        if results is None:
-            try:
-                mine = task_sets.get_nowait()
-            except queue.Empty:
-                mine = load_tasks(tasks, include_paths)
-            try:
-                results = run_tasks(MergescaleLM(lease, model), mine, limit)
-            finally:
-                task_sets.put(mine)
-        for task, expert in experts.items():
-            if phase == 1 and expert == model and task in ref_files and not ref_files[task].exists():
-                lease.reference(model, prompts[task][0], prompts[task][1], str(ref_files[task]))
-        divs = {task: lease.divergence(model, str(ref_files[task])) for task in ref_files} if phase == 2 else {}
-        return {"results": results, "divergences": divs, "seconds": seconds + time.perf_counter() - t0}
+    suite = EvalSuite(tasks, base=base, experts=experts, include_paths=include_paths, limit=limit, backend=backend,
+                      divergences=divergences)  # fmt: skip
+    references = suite.references
+    hashes = {**suite.hashes, **{m: weights_sha256(m) for m in models if m not in suite.hashes}}
+    held_in = list(suite.ref_files)
 
     own_pool = pool is None
     if own_pool:
@@ -127,45 +181,33 @@ def evaluate_models(
         pool = EvaluatorPool(backend, actors=actors, threads=threads, device=device, max_model_len=max_model_len)
     outcome: dict[str, dict] = {}
     try:
-        with _progress(progress, (len(references) + len(models)) * len(names)) as advance:
-
-            def finished(model, result):
-                done_scores[model] = (result["results"], result["seconds"])
-                advance(len(names), model)
-
-            for model, result in zip(references, pool.map(lambda ls, m: evaluate_one(ls, m, 1), references, finished),
-                                     strict=True):  # fmt: skip
+        with _progress(progress, (len(references) + len(models)) * len(suite.names)) as advance:
+            for model, result in zip(references, pool.map(suite.evaluate, references,
+                                     lambda m, r: advance(len(suite.names), m)), strict=True):  # fmt: skip
                 outcome[model] = result
             # the models asked for (one that is also a reference is only re-visited for its divergences)
-            rest = [m for m in models if m not in outcome or ref_files]
-            for model, result in zip(rest, pool.map(lambda ls, m: evaluate_one(ls, m, 2), rest, finished), strict=True):
+            rest = [m for m in models if m not in outcome or held_in]
+
+            def second(lease: Lease, model: str) -> dict:
+                if model in outcome:
+                    divs = suite.evaluate(lease, model, tasks=[], divergences=held_in)["divergences"]
+                    return {**outcome[model], "divergences": divs}
+                return suite.evaluate(lease, model, divergences=held_in)
+
+            for model, result in zip(rest, pool.map(second, rest, lambda m, r: advance(len(suite.names), m)),
+                                     strict=True):  # fmt: skip
                 outcome[model] = result
         stats = pool.stats()
     finally:
         if own_pool:
             pool.shutdown()
-
-    rows: list[dict] = []
-    for model, result in outcome.items():
-        rows += [
-            {**r, "weights_sha256": hashes[model], "eval_seconds": result["seconds"]}
-            for r in scores.score_rows(model, result["results"], roles)
-            + scores.divergence_rows(model, result["divergences"], experts)
-        ]
-    rows = scores.normalize(rows, base, experts)
-    for r in rows:
-        if r["kind"] == "summary":
-            r["weights_sha256"], r["eval_seconds"] = hashes[r["model"]], outcome[r["model"]]["seconds"]
-    from importlib.metadata import version
-
-    rows = scores.complete(rows, backend=backend, mergescale_version=mergescale.__version__,
-                           lm_eval_version=version("lm-eval"))  # fmt: skip
+    rows = suite.rows(outcome, hashes)
     return EvalReport(rows=rows, seconds=time.perf_counter() - started, models=len(outcome), pool=stats)
 
 
-def _reference_file(expert_hash: str, backend: str, task: str, prompts: list[str], max_tokens: int) -> Path:
+def _reference_name(expert_hash: str, backend: str, task: str, prompts: list[str], max_tokens: int) -> str:
     key = json.dumps([expert_hash, backend, task, prompts, max_tokens])
-    return _references_dir() / f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    return f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
 class _progress:
