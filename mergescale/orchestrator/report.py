@@ -1,0 +1,589 @@
+"""The report of a study, derived from its results store alone (``results.read_results``).
+
+``write_report`` writes into one folder:
+
+* ``leaderboard.md`` and ``leaderboard.html`` — the method leaderboard (mean ANP with a 95% t-interval
+  over jobs, mean held-out normalized score, mean ANP per number of merged experts, mean JS divergence,
+  mean merge / eval seconds), the best individual merged models, the reference models' raw scores and
+  the Spearman correlation of divergence and score per held-in task.  The HTML page is self-contained:
+  simple inline CSS and the plots embedded as inline SVG (the Markdown links the SVG files next to it).
+* ``held_in.{png,svg}`` / ``held_out.{png,svg}`` — mean normalized score against the number of merged
+  experts, one line per method label, shaded 95% t-interval over the jobs (subsets) at each n.
+* ``heatmap.{png,svg}`` — mean normalized score per method label and task.
+
+The output is reproducible: the same store gives the same bytes (no dates, fixed SVG hash salt, rows
+and labels in a fixed order).  Figures are ``matplotlib.figure.Figure`` objects drawn on an Agg canvas,
+so no pyplot state and no global backend is touched.
+
+Normalized scores are ratios (held-in: merged / the task's expert, held-out: merged / the base); the
+tables show them in percent, the plots as ratios with the reference at 1.0.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pyarrow as pa
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+from scipy import stats
+
+from mergescale.errors import MergescaleError
+from mergescale.eval.scores import HELD_IN, HELD_OUT, SUMMARY_TASK
+from mergescale.orchestrator.results import BASE, EXPERT, MERGE, read_results
+
+log = logging.getLogger(__name__)
+
+TOP_MERGES = 20
+POOLED = "all tasks (pooled)"
+#: fixed settings for byte-identical figures
+_RC = {"svg.hashsalt": "mergescale-report", "svg.fonttype": "path", "path.simplify": True}
+_PNG_METADATA = {"Software": None}
+_SVG_METADATA = {"Date": None}
+_MARKERS = "osD^vP*Xph"
+_NUMBER = re.compile(r"^[-+]?\d+(\.\d+)?(e[-+]?\d+)?( ± \d+(\.\d+)?)?$")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Job:
+    """One merged model: its summaries and per-task values of the chosen metric."""
+
+    key: str
+    model: str
+    label: str
+    experts: tuple[str, ...]
+    n: int
+    seed: int | None
+    merge_seconds: float | None = None
+    eval_seconds: float | None = None
+    anp: float | None = None
+    held_out: float | None = None
+    js: list[float] = field(default_factory=list)  # every js divergence row
+    js_by_task: dict[str, float] = field(default_factory=dict)
+    normalized: dict[tuple[str, str], float] = field(default_factory=dict)  # (role, task) -> normalized score
+
+
+@dataclass
+class _Study:
+    name: str
+    metric: str
+    jobs: list[_Job]
+    references: dict[str, dict[str, float]]  # reference model -> task -> raw value of the metric
+    tasks: list[tuple[str, str]]  # (role, task) columns of merge jobs: held-in first, then held-out
+    reference_tasks: list[str]  # the tasks of the reference models, held-in first
+
+
+def _finite(values: Iterable[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    v = _finite(values)
+    return statistics.fmean(v) if v else None
+
+
+def _mean_ci(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """Mean and half-width of the two-sided 95% t-interval (None for fewer than two values)."""
+    v = _finite(values)
+    if not v:
+        return None, None
+    mean = statistics.fmean(v)
+    if len(v) < 2:
+        return mean, None
+    return mean, float(stats.t.ppf(0.975, len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v)))
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
+    """Spearman's rho and its two-sided p-value; None when undefined (< 3 points or a constant side)."""
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None, None
+    res = stats.spearmanr(x, y)
+    rho, p = float(res.statistic), float(res.pvalue)
+    return (rho if math.isfinite(rho) else None), (p if math.isfinite(p) else None)
+
+
+def _metrics(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["metric"] for r in rows if r["kind"] == "score"))
+
+
+def _choose_metric(rows: list[dict], metric: str | None, where: str) -> str:
+    known = _metrics(rows)
+    if metric is None:
+        primary = [r["metric"] for r in rows if r["kind"] == "score" and r["primary"]]
+        if primary or known:
+            return (primary or known)[0]
+        raise MergescaleError(f"{where}: no score rows in the results; run `mergescale study run` first")
+    if metric not in known:
+        raise MergescaleError(
+            f"{where}: unknown metric {metric!r}; pass one of {', '.join(sorted(known)) or '(none)'} with --metric"
+        )
+    return metric
+
+
+def _study(table: pa.Table, metric: str | None, where: str) -> _Study:
+    rows = table.to_pylist()
+    metric = _choose_metric(rows, metric, where)
+    jobs: dict[str, _Job] = {}
+    references: dict[str, dict[str, list[float]]] = {}
+    roles_seen: dict[str, set[str]] = {}
+    for r in rows:
+        if r["kind"] == "score" and r["metric"] == metric:
+            roles_seen.setdefault(r["task"], set()).add(r["role"])
+        if r["job_kind"] in (BASE, EXPERT):
+            if r["kind"] == "score" and r["metric"] == metric and r["value"] is not None:
+                references.setdefault(r["model"], {}).setdefault(r["task"], []).append(r["value"])
+            continue
+        if r["job_kind"] != MERGE:
+            continue
+        job = jobs.get(r["job_key"])
+        if job is None:
+            experts = tuple(r["experts"] or ())
+            job = jobs[r["job_key"]] = _Job(
+                key=r["job_key"],
+                model=r["model"],
+                label=r["label"] or r["method"] or "(unlabelled)",
+                experts=experts,
+                n=r["n_experts"] if r["n_experts"] is not None else len(experts),
+                seed=r["seed"],
+            )
+        if job.merge_seconds is None:
+            job.merge_seconds = r["merge_seconds"]
+        if job.eval_seconds is None:
+            job.eval_seconds = r["eval_seconds"]
+        if r["kind"] == "divergence" and r["metric"] == "js" and r["value"] is not None:
+            job.js.append(r["value"])
+            job.js_by_task[r["task"]] = r["value"]
+        elif r["metric"] != metric:
+            continue
+        elif r["kind"] == "summary" and r["task"] == SUMMARY_TASK.get(r["role"]):
+            if r["role"] == HELD_IN:
+                job.anp = r["normalized"]
+            elif r["role"] == HELD_OUT:
+                job.held_out = r["normalized"]
+        elif r["kind"] == "score" and r["normalized"] is not None:
+            job.normalized[(r["role"], r["task"])] = r["normalized"]
+    if not jobs:
+        raise MergescaleError(f"{where}: no finished merge jobs in the results; run `mergescale study run` first")
+    ordered = sorted(jobs.values(), key=lambda j: (j.label, j.n, j.experts, -1 if j.seed is None else j.seed, j.key))
+    columns = {(role, task) for j in ordered for role, task in j.normalized}
+    tasks = sorted(columns, key=lambda c: (c[0] != HELD_IN, c[1]))
+    reference_tasks = sorted(roles_seen, key=lambda t: (HELD_IN not in roles_seen[t], t))
+    name = next((r["study"] for r in rows if r["study"]), Path(where).name)
+    refs = {m: {t: statistics.fmean(v) for t, v in by_task.items()} for m, by_task in references.items()}
+    return _Study(name=name, metric=metric, jobs=ordered, references=refs, tasks=tasks, reference_tasks=reference_tasks)
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+
+def _leaderboard(study: _Study) -> list[dict]:
+    ns = sorted({j.n for j in study.jobs})
+    labels: dict[str, list[_Job]] = {}
+    for job in study.jobs:
+        labels.setdefault(job.label, []).append(job)
+    board = []
+    for label, jobs in labels.items():
+        anp, ci = _mean_ci(j.anp for j in jobs)
+        board.append(
+            {
+                "label": label,
+                "metric": study.metric,
+                "jobs": len(jobs),
+                "anp": anp,
+                "anp_ci": ci,
+                "held_out": _mean(j.held_out for j in jobs),
+                "anp_by_n": {n: _mean(j.anp for j in jobs if j.n == n) for n in ns},
+                "js": _mean(v for j in jobs for v in j.js),
+                "merge_seconds": _mean(j.merge_seconds for j in jobs),
+                "eval_seconds": _mean(j.eval_seconds for j in jobs),
+            }
+        )
+    return sorted(board, key=lambda b: (b["anp"] is None, -(b["anp"] or 0.0), b["label"]))
+
+
+def leaderboard(table: pa.Table, metric: str | None = None) -> list[dict]:
+    """The method leaderboard of a results table, best mean ANP first: one dict per method label with
+    ``label, metric, jobs, anp, anp_ci`` (half-width of the 95% t-interval over jobs; None for one job),
+    ``held_out, anp_by_n`` ({n experts: mean ANP}), ``js, merge_seconds, eval_seconds`` (means)."""
+    return _leaderboard(_study(table, metric, "results"))
+
+
+def _divergence_vs_score(study: _Study) -> list[dict]:
+    points: dict[str, list[tuple[float, float]]] = {}
+    for job in study.jobs:
+        for task, js in job.js_by_task.items():
+            score = job.normalized.get((HELD_IN, task))
+            if score is not None and math.isfinite(js) and math.isfinite(score):
+                points.setdefault(task, []).append((js, score))
+    out = []
+    for task, pts in [*sorted(points.items()), (POOLED, [p for t in sorted(points) for p in points[t]])]:
+        rho, p = _spearman([a for a, _ in pts], [b for _, b in pts])
+        out.append({"task": task, "n": len(pts), "rho": rho, "p": p})
+    return out
+
+
+def divergence_vs_score(table: pa.Table, metric: str | None = None) -> list[dict]:
+    """Per held-in task (and pooled over tasks): Spearman's rho between a merged model's JS divergence to
+    the task's expert and its normalized score on the task, over the merge jobs holding that task.
+    Dicts ``task, n, rho, p`` (rho / p None when undefined: fewer than 3 points or constant values)."""
+    return _divergence_vs_score(_study(table, metric, "results"))
+
+
+def _top_merges(study: _Study, k: int = TOP_MERGES) -> list[_Job]:
+    scored = [j for j in study.jobs if j.anp is not None and math.isfinite(j.anp)]
+    return sorted(scored, key=lambda j: (-j.anp, j.model, j.key))[:k]
+
+
+# ------------------------------------------------------------------------------------ formatting
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _pm(mean: float | None, half: float | None) -> str:
+    return _pct(mean) if half is None or mean is None else f"{_pct(mean)} ± {100 * half:.1f}"
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _board_table(board: list[dict]) -> tuple[list[str], list[list[str]]]:
+    ns = list(board[0]["anp_by_n"]) if board else []
+    header = ["label", "jobs", "ANP %", "held-out %", *[f"n={n}" for n in ns], "JS", "merge s", "eval s"]
+    rows = [
+        [
+            b["label"],
+            str(b["jobs"]),
+            _pm(b["anp"], b["anp_ci"]),
+            _pct(b["held_out"]),
+            *[_pct(b["anp_by_n"].get(n)) for n in ns],
+            _num(b["js"], 4),
+            _num(b["merge_seconds"], 1),
+            _num(b["eval_seconds"], 1),
+        ]
+        for b in board
+    ]
+    return header, rows
+
+
+def print_leaderboard(rows_or_table: list[dict] | pa.Table, top: int | None = None, metric: str | None = None) -> None:
+    """Print the method leaderboard (rows of :func:`leaderboard`, or a results table) as a rich table."""
+    board = leaderboard(rows_or_table, metric) if isinstance(rows_or_table, pa.Table) else list(rows_or_table)
+    shown = board[:top] if top is not None else board
+    name = board[0]["metric"] if board else metric or ""
+    table = Table(title=f"method leaderboard ({name}): normalized means in %, ± = 95% CI over jobs")
+    header, rows = _board_table(shown)
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)
+    console.print(table)
+    if top is not None and len(board) > top:
+        console.print(f"[dim]{len(board) - top} more label(s) not shown[/dim]")
+
+
+# ----------------------------------------------------------------------------------------- figures
+
+
+def _new_figure(size: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
+    png, svg = out / f"{stem}.png", out / f"{stem}.svg"
+    fig.savefig(png, format="png", dpi=120, metadata=_PNG_METADATA)
+    fig.savefig(svg, format="svg", metadata=_SVG_METADATA)
+    return [png, svg]
+
+
+def _style(i: int) -> dict:
+    return {"color": matplotlib.colormaps["tab10"](i % 10), "marker": _MARKERS[i % len(_MARKERS)]}
+
+
+def _line_figure(study: _Study, labels: list[str], attr: str, stem: str, title: str, ylabel: str) -> Figure:
+    fig = _new_figure((8.0, 4.8))
+    ax = fig.add_subplot()
+    ns = sorted({j.n for j in study.jobs})
+    drawn = 0
+    for i, label in enumerate(labels):
+        points = []
+        for n in ns:
+            mean, half = _mean_ci(getattr(j, attr) for j in study.jobs if j.label == label and j.n == n)
+            if mean is not None:
+                points.append((n, mean, half or 0.0))
+        if not points:
+            continue
+        x = [p[0] for p in points]
+        y = np.array([p[1] for p in points])
+        half = np.array([p[2] for p in points])
+        style = _style(i)
+        (line,) = ax.plot(x, y, label=label, linewidth=1.6, markersize=5, **style)
+        line.set_gid(f"{stem}-line-{i}")
+        ax.fill_between(x, y - half, y + half, color=style["color"], alpha=0.15, linewidth=0)
+        drawn += 1
+    ax.axhline(1.0, linestyle="--", color="0.35", linewidth=1.0, label="reference (1.0)")
+    ax.set_xticks(ns)
+    ax.set_xlabel("number of merged experts")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    return fig
+
+
+def _heatmap_figure(study: _Study, labels: list[str]) -> Figure:
+    columns = study.tasks
+    data = np.full((len(labels), len(columns)), np.nan)
+    for i, label in enumerate(labels):
+        for c, column in enumerate(columns):
+            mean = _mean(j.normalized.get(column) for j in study.jobs if j.label == label)
+            if mean is not None:
+                data[i, c] = mean
+    fig = _new_figure((max(6.0, 1.0 + 0.75 * len(columns) + 0.06 * max(map(len, labels))), 1.6 + 0.45 * len(labels)))
+    ax = fig.add_subplot()
+    finite = data[np.isfinite(data)]
+    vmax = max(1.0, float(finite.max())) if finite.size else 1.0
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="white")
+    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
+    for i in range(len(labels)):
+        for c in range(len(columns)):
+            if np.isfinite(data[i, c]):
+                ax.text(c, i, f"{data[i, c]:.2f}", ha="center", va="center", fontsize=8, color="black")
+    ax.set_xticks(range(len(columns)), [task for _, task in columns], rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    held_in = sum(1 for role, _ in columns if role == HELD_IN)
+    if 0 < held_in < len(columns):
+        ax.axvline(held_in - 0.5, color="black", linewidth=1.5)
+    axis = ax.get_xaxis_transform()
+    if held_in:
+        ax.text((held_in - 1) / 2, 1.02, "held-in (÷ expert)", transform=axis, ha="center", va="bottom", fontsize=9)
+    if held_in < len(columns):
+        middle = (held_in + len(columns) - 1) / 2
+        ax.text(middle, 1.02, "held-out (÷ base)", transform=axis, ha="center", va="bottom", fontsize=9)
+    ax.set_title(f"mean normalized {study.metric} per method and task", pad=22)
+    fig.colorbar(image, ax=ax, label="normalized score")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- pages
+
+
+@dataclass
+class _Block:
+    kind: str  # h2 | p | table | figure
+    text: str = ""  # heading / paragraph text; a figure's file stem
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    caption: str = ""
+
+
+def _blocks(study: _Study, board: list[dict]) -> list[_Block]:
+    seeds = len({j.seed for j in study.jobs}) > 1
+    board_header, board_rows = _board_table(board)
+    blocks = [
+        _Block(
+            "p",
+            f"Metric: {study.metric}. {len(study.jobs)} merge jobs, {len(board)} method labels. "
+            "Normalized scores in %: held-in = merged model / the task's expert, held-out = merged model / "
+            "the base. ANP = a merged model's mean held-in normalized score. Means are over merge jobs; "
+            "± is the half-width of the 95% t-interval over jobs (none for a single job).",
+        ),
+        _Block("h2", "Method leaderboard"),
+        _Block("table", header=board_header, rows=board_rows),
+        _Block("figure", "held_in", caption="Held-in: mean ANP against the number of merged experts"),
+        _Block("figure", "held_out", caption="Held-out: mean normalized score against the number of merged experts"),
+        _Block("h2", f"Top {TOP_MERGES} merges"),
+    ]
+    header = ["#", "model", "label", "experts", "n", *(["seed"] if seeds else []), "ANP %", "held-out %", "JS"]
+    top = [
+        [
+            str(i),
+            j.model,
+            j.label,
+            "+".join(j.experts),
+            str(j.n),
+            *([str(j.seed)] if seeds else []),
+            _pct(j.anp),
+            _pct(j.held_out),
+            _num(_mean(j.js), 4),
+        ]
+        for i, j in enumerate(_top_merges(study), 1)
+    ]
+    blocks.append(_Block("table", header=header, rows=top))
+
+    blocks.append(_Block("h2", "References"))
+    refs = sorted(study.references, key=lambda m: (m != "base", m))
+    values = [v for m in refs for v in study.references[m].values()]
+    as_pct = all(0.0 <= v <= 1.0 for v in values)
+    blocks.append(_Block("p", f"Raw {study.metric}{' in %' if as_pct else ''} of the base and the experts per task."))
+    fmt = _pct if as_pct else (lambda v: "-" if v is None else f"{v:.4g}")
+    ref_rows = [[m, *[fmt(study.references[m].get(t)) for t in study.reference_tasks]] for m in refs]
+    blocks.append(_Block("table", header=["model", *study.reference_tasks], rows=ref_rows))
+
+    blocks.append(_Block("h2", "Divergence vs score"))
+    blocks.append(
+        _Block(
+            "p",
+            "Spearman rank correlation, per held-in task over the merge jobs holding it, between a "
+            "merged model's JS divergence to the task's expert and its normalized score on the task. "
+            "A negative rho means lower divergence goes with a higher score. p: two-sided; "
+            "'-': undefined (fewer than 3 points or constant values).",
+        )
+    )
+    corr = [[c["task"], str(c["n"]), _num(c["rho"], 3), _p(c["p"])] for c in _divergence_vs_score(study)]
+    blocks.append(_Block("table", header=["task", "n", "rho", "p"], rows=corr))
+
+    blocks.append(_Block("h2", "Per-task normalized scores"))
+    blocks.append(_Block("figure", "heatmap", caption="Mean normalized score per method label and task"))
+    return blocks
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(title: str, blocks: list[_Block]) -> str:
+    lines = [f"# {title}", ""]
+    for b in blocks:
+        if b.kind == "h2":
+            lines += [f"## {b.text}", ""]
+        elif b.kind == "p":
+            lines += [b.text, ""]
+        elif b.kind == "figure":
+            lines += [f"![{b.caption}]({b.text}.svg)", ""]
+        elif b.kind == "table":
+            right = ["---" if i == 0 or not _numeric_column(b, i) else "---:" for i in range(len(b.header))]
+            lines.append("| " + " | ".join(map(_md_cell, b.header)) + " |")
+            lines.append("| " + " | ".join(right) + " |")
+            lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in b.rows]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _numeric_column(block: _Block, i: int) -> bool:
+    """Whether column ``i`` holds numbers only (right-aligned); "-" cells do not count."""
+    cells = [row[i] for row in block.rows if row[i] != "-"]
+    return bool(cells) and all(_NUMBER.match(c) for c in cells)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; }
+th { background: #f0f0f0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr:nth-child(even) td { background: #fafafa; }
+figure { margin: 1em 0; }
+figure svg { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: 0.9em; }
+""".strip()
+
+
+def _inline_svg(path: Path) -> str:
+    text = path.read_text(encoding="utf-8")
+    return text[text.index("<svg") :]
+
+
+def _html(title: str, blocks: list[_Block], out: Path) -> str:
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>\n{_CSS}\n</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for b in blocks:
+        if b.kind == "h2":
+            parts.append(f"<h2>{html.escape(b.text)}</h2>")
+        elif b.kind == "p":
+            parts.append(f"<p>{html.escape(b.text)}</p>")
+        elif b.kind == "figure":
+            caption = html.escape(b.caption)
+            parts.append(f"<figure>\n{_inline_svg(out / f'{b.text}.svg')}<figcaption>{caption}</figcaption>\n</figure>")
+        elif b.kind == "table":
+            numeric = [i > 0 and _numeric_column(b, i) for i in range(len(b.header))]
+            parts.append("<table>")
+            parts.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in b.header) + "</tr>")
+            for row in b.rows:
+                cells = "".join(
+                    f'<td class="num">{html.escape(c)}</td>' if numeric[i] else f"<td>{html.escape(c)}</td>"
+                    for i, c in enumerate(row)
+                )
+                parts.append(f"<tr>{cells}</tr>")
+            parts.append("</table>")
+    parts += ["</body>", "</html>", ""]
+    return "\n".join(parts)
+
+
+def write_report(results: Path, out: Path, metric: str | None = None) -> list[Path]:
+    """Write the study report of the store ``results`` into ``out`` (created): ``leaderboard.md``,
+    ``leaderboard.html`` (self-contained, the plots inline as SVG) and the plots ``held_in``, ``held_out``
+    and ``heatmap`` as PNG and SVG.  ``metric``: the score metric to report (default: the primary one).
+    Returns the written files."""
+    results, out = Path(results), Path(out)
+    study = _study(read_results(results), metric, str(results))
+    out.mkdir(parents=True, exist_ok=True)
+    board = _leaderboard(study)
+    labels = [b["label"] for b in board]
+    written: list[Path] = []
+    with matplotlib.rc_context(_RC):
+        figures = {
+            "held_in": _line_figure(
+                study,
+                labels,
+                "anp",
+                "held_in",
+                f"Held-in: ANP ({study.metric})",
+                "mean normalized score (1.0 = expert)",
+            ),
+            "held_out": _line_figure(
+                study,
+                labels,
+                "held_out",
+                "held_out",
+                f"Held-out ({study.metric})",
+                "mean normalized score (1.0 = base)",
+            ),
+            "heatmap": _heatmap_figure(study, labels),
+        }
+        for stem, fig in figures.items():
+            written += _save(fig, out, stem)
+    title = f"Study report: {study.name}"
+    blocks = _blocks(study, board)
+    md, page = out / "leaderboard.md", out / "leaderboard.html"
+    md.write_text(_markdown(title, blocks), encoding="utf-8")
+    page.write_text(_html(title, blocks, out), encoding="utf-8")
+    written = [md, page, *written]
+    log.info("wrote the report of %s (%d merge jobs, metric %s) to %s", results, len(study.jobs), study.metric, out)
+    return written

@@ -1,0 +1,258 @@
+"""The study report (orchestrator/report.py) on a results store built from rows with known values."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import statistics
+import xml.etree.ElementTree as ET
+
+import pytest
+from scipy import stats
+
+from mergescale.errors import MergescaleError
+from mergescale.eval.scores import HELD_IN, HELD_OUT, SUMMARY_TASK
+from mergescale.orchestrator import results
+from mergescale.orchestrator.report import divergence_vs_score, leaderboard, print_leaderboard, write_report
+
+EXPERTS = ["upper", "rot13", "reverse", "caesar", "sort", "vowel"]  # an expert's name is its held-in task
+HELD_OUT_TASKS = ["copy", "count"]
+TIES, TA, LINEAR = "ties density=0.2", "task_arithmetic lambda=0.3", "linear"
+SUBSETS = {
+    2: [("upper", "rot13"), ("reverse", "caesar"), ("sort", "vowel")],
+    4: [
+        ("upper", "rot13", "reverse", "caesar"),
+        ("reverse", "caesar", "sort", "vowel"),
+        ("upper", "rot13", "sort", "vowel"),
+    ],
+}
+
+
+def _score(task: str, role: str, metric: str, value: float, normalized: float | None, primary: bool) -> dict:
+    return dict(task=task, role=role, kind="score", metric=metric, value=value, normalized=normalized, primary=primary)
+
+
+def _summary(role: str, metric: str, normalized: list[float | None]) -> dict:
+    mean = None if None in normalized else sum(normalized) / len(normalized)
+    return dict(task=SUMMARY_TASK[role], role=role, kind="summary", metric=metric, normalized=mean, n=len(normalized))
+
+
+def merge_job(
+    label: str,
+    experts: tuple[str, ...],
+    seed: int,
+    norm: dict[str, float],
+    js: dict[str, float],
+    held_out: dict[str, float | None],
+) -> tuple[str, list[dict]]:
+    """Rows of one merge job: exact_match normalized = ``norm`` (held-in) / ``held_out``; char_acc = half of it."""
+    method = label.split()[0]
+    model = f"{label}/{'+'.join(experts)}" + (f" seed={seed}" if seed else "")
+    rows = []
+    for metric, scale, primary in (("exact_match", 1.0, True), ("char_acc", 0.5, False)):
+        for task in experts:
+            rows.append(_score(task, HELD_IN, metric, 0.8 * norm[task] * scale, norm[task] * scale, primary))
+        for task, v in held_out.items():
+            rows.append(_score(task, HELD_OUT, metric, 0.3, None if v is None else v * scale, primary))
+        rows.append(_summary(HELD_IN, metric, [norm[t] * scale for t in experts]))
+        if held_out:
+            rows.append(_summary(HELD_OUT, metric, [None if v is None else v * scale for v in held_out.values()]))
+    for task in experts:
+        rows.append(dict(task=task, role=HELD_IN, kind="divergence", metric="js", value=js[task], reference=task))
+        rows.append(dict(task=task, role=HELD_IN, kind="divergence", metric="kl", value=9.0, reference=task))
+    key = f"{method}-{'-'.join(experts)}-s{seed}"
+    return key, results.complete(
+        rows,
+        model=model,
+        study="toy",
+        job_key=key,
+        job_kind=results.MERGE,
+        method=method,
+        label=label,
+        experts=list(experts),
+        n_experts=len(experts),
+        seed=seed,
+        merge_seconds=2.0 * len(experts),
+        eval_seconds=10.0,
+        backend="hf",
+    )
+
+
+def write_references(store) -> None:
+    tasks = [*EXPERTS, *HELD_OUT_TASKS]
+    for model, kind, experts, values in [
+        ("base", results.BASE, [], {t: 0.1 for t in tasks}),
+        *[(f"expert:{e}", results.EXPERT, [e], {t: 0.9 if t == e else 0.05 for t in tasks}) for e in EXPERTS],
+    ]:
+        rows = [
+            _score(t, HELD_IN if t in EXPERTS else HELD_OUT, metric, v, None, metric == "exact_match")
+            for t, v in values.items()
+            for metric in ("exact_match", "char_acc")
+        ]
+        common = dict(model=model, study="toy", job_kind=kind, experts=experts, n_experts=len(experts), backend="hf")
+        results.write_unit(
+            store, results.REFERENCES, model.replace(":", "-"), results.complete(rows, job_key=model, **common)
+        )
+
+
+def build_store(store, irregular: bool = False) -> dict[str, list[float]]:
+    """Write the toy study; return each label's ANPs (exact_match) in job order.
+
+    Regular: held-in normalized scores all distinct, and js = 2 - normalized (perfectly anti-monotone).
+    Irregular: random normalized scores and divergences."""
+    rng = random.Random(7)
+    write_references(store)
+    anps: dict[str, list[float]] = {}
+    counter = 0
+    for label, offset in ((TIES, 0.2), (TA, 0.0)):
+        for n, subsets in SUBSETS.items():
+            for subset in subsets:
+                norm, js = {}, {}
+                for task in subset:
+                    counter += 1
+                    norm[task] = rng.uniform(0.1, 1.2) if irregular else offset + 0.9 - 0.08 * n + 0.003 * counter
+                    js[task] = rng.uniform(0.0, 0.7) if irregular else 2.0 - norm[task]
+                key, rows = merge_job(label, subset, 0, norm, js, {t: 0.9 - 0.05 * n for t in HELD_OUT_TASKS})
+                results.write_unit(store, results.JOBS, key, rows)
+                anps.setdefault(label, []).append(statistics.fmean(norm.values()))
+    norm = {"upper": 0.5, "vowel": 0.45}  # one job; a held-out reference that scored 0 (normalized null)
+    key, rows = merge_job(
+        LINEAR, ("upper", "vowel"), 1, norm, {"upper": 1.5, "vowel": 1.55}, {"copy": 0.8, "count": None}
+    )
+    results.write_unit(store, results.JOBS, key, rows)
+    anps[LINEAR] = [0.475]
+    return anps
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = tmp_path / "results"
+    anps = build_store(path)
+    return path, anps
+
+
+def test_leaderboard_means_ci_and_order(store):
+    path, anps = store
+    board = leaderboard(results.read_results(path))
+    assert [b["label"] for b in board] == [TIES, TA, LINEAR]
+    assert [b["anp"] for b in board] == sorted((b["anp"] for b in board), reverse=True)
+    for b in board:
+        values = anps[b["label"]]
+        assert b["jobs"] == len(values) and b["metric"] == "exact_match"
+        assert b["anp"] == pytest.approx(statistics.fmean(values))
+        if len(values) == 1:
+            assert b["anp_ci"] is None
+        else:
+            half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+            assert b["anp_ci"] == pytest.approx(half)
+    ties = board[0]
+    assert ties["anp_by_n"][2] == pytest.approx(statistics.fmean(anps[TIES][:3]))
+    assert ties["anp_by_n"][4] == pytest.approx(statistics.fmean(anps[TIES][3:]))
+    assert ties["held_out"] == pytest.approx(statistics.fmean([0.8] * 3 + [0.7] * 3))
+    assert ties["js"] == pytest.approx(
+        statistics.fmean(
+            [2.0 - a for a in anps[TIES][:3] for _ in (0, 1)] + [2.0 - a for a in anps[TIES][3:] for _ in range(4)]
+        )
+    )
+    assert ties["merge_seconds"] == pytest.approx(6.0) and ties["eval_seconds"] == pytest.approx(10.0)
+    linear = board[2]
+    assert linear["held_out"] is None and linear["anp_by_n"] == {2: pytest.approx(0.475), 4: None}
+    # another metric: char_acc normalized is half of exact_match's
+    half = leaderboard(results.read_results(path), metric="char_acc")
+    assert half[0]["anp"] == pytest.approx(ties["anp"] / 2) and half[0]["metric"] == "char_acc"
+
+
+def test_print_leaderboard(store, capsys):
+    path, _ = store
+    print_leaderboard(results.read_results(path), top=2)
+    text = capsys.readouterr().out
+    assert TIES in text and TA in text and LINEAR not in text and "1 more label" in text
+    assert f"{100 * leaderboard(results.read_results(path))[0]['anp']:.1f} ±" in text
+
+
+def test_spearman_anti_monotone(store):
+    path, _ = store
+    corr = {c["task"]: c for c in divergence_vs_score(results.read_results(path))}
+    assert set(corr) == {*EXPERTS, "all tasks (pooled)"}
+    for task in EXPERTS:
+        assert corr[task]["rho"] == pytest.approx(-1.0) and corr[task]["n"] >= 3
+    assert corr["all tasks (pooled)"]["rho"] == pytest.approx(-1.0)
+    assert corr["all tasks (pooled)"]["n"] == sum(n * len(s) for n, s in SUBSETS.items()) * 2 + 2
+
+
+def test_spearman_irregular_matches_scipy(tmp_path):
+    path = tmp_path / "results"
+    build_store(path, irregular=True)
+    rows = results.read_results(path).to_pylist()
+    points: dict[str, list[tuple[float, float]]] = {}
+    for key in {r["job_key"] for r in rows if r["job_kind"] == "merge"}:
+        mine = [r for r in rows if r["job_key"] == key]
+        js = {r["task"]: r["value"] for r in mine if r["kind"] == "divergence" and r["metric"] == "js"}
+        for r in mine:
+            if r["kind"] == "score" and r["metric"] == "exact_match" and r["role"] == HELD_IN:
+                points.setdefault(r["task"], []).append((js[r["task"]], r["normalized"]))
+    corr = {c["task"]: c for c in divergence_vs_score(results.read_results(path))}
+    points["all tasks (pooled)"] = [p for pts in points.values() for p in pts]
+    for task, pts in points.items():
+        expected = stats.spearmanr([a for a, _ in pts], [b for _, b in pts])
+        assert corr[task]["n"] == len(pts)
+        assert corr[task]["rho"] == pytest.approx(expected.statistic)
+        assert corr[task]["p"] == pytest.approx(expected.pvalue)
+
+
+def test_spearman_undefined_is_none(tmp_path):
+    path = tmp_path / "results"
+    for i, subset in enumerate([("upper", "rot13"), ("upper", "reverse")]):  # 2 points for upper, 1 for the rest
+        key, rows = merge_job(TIES, subset, 0, {t: 0.5 + 0.1 * i for t in subset}, {t: 0.1 * i for t in subset}, {})
+        results.write_unit(path, results.JOBS, key, rows)
+    corr = {c["task"]: c for c in divergence_vs_score(results.read_results(path))}
+    assert corr["upper"]["n"] == 2 and corr["upper"]["rho"] is None and corr["upper"]["p"] is None
+    assert corr["all tasks (pooled)"]["n"] == 4 and corr["all tasks (pooled)"]["rho"] is not None
+
+
+def test_write_report_files_and_reproducible(store, tmp_path):
+    path, _ = store
+    out = tmp_path / "report"
+    written = write_report(path, out)
+    names = {
+        "leaderboard.md",
+        "leaderboard.html",
+        *(f"{s}.{e}" for s in ("held_in", "held_out", "heatmap") for e in ("png", "svg")),
+    }
+    assert {p.name for p in written} == names and all(p.parent == out and p.stat().st_size > 0 for p in written)
+    for stem in ("held_in", "held_out", "heatmap"):
+        assert (out / f"{stem}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        ET.parse(out / f"{stem}.svg")
+    for stem, labels in (("held_in", 3), ("held_out", 2)):  # linear has no held-out mean (a null normalized score)
+        root = ET.parse(out / f"{stem}.svg").getroot()
+        lines = [e for e in root.iter() if e.get("id", "").startswith(f"{stem}-line-")]
+        assert len(lines) == labels
+    page = (out / "leaderboard.html").read_text()
+    md = (out / "leaderboard.md").read_text()
+    for label in (TIES, TA, LINEAR):
+        assert label in page and label in md
+    assert page.count("<svg") == 3 and "negative rho" in page and "all tasks (pooled)" in md
+    assert "upper+rot13" in md and "expert:upper" in md and "| base |" in md
+    before = {p.name: p.read_bytes() for p in written}
+    again = write_report(path, tmp_path / "again")
+    assert {p.name: p.read_bytes() for p in again} == before
+    write_report(path, out)
+    assert {p.name: p.read_bytes() for p in written} == before
+
+
+def test_errors(tmp_path, store):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MergescaleError, match=re.escape(str(empty))):
+        write_report(empty, tmp_path / "out")
+    refs_only = tmp_path / "refs-only"
+    write_references(refs_only)
+    with pytest.raises(MergescaleError, match="no finished merge jobs"):
+        write_report(refs_only, tmp_path / "out")
+    path, _ = store
+    with pytest.raises(MergescaleError, match="'bleu'") as err:
+        write_report(path, tmp_path / "out", metric="bleu")
+    assert str(path) in str(err.value) and "--metric" in str(err.value) and "exact_match" in str(err.value)
+    with pytest.raises(MergescaleError, match="'bleu'"):
+        leaderboard(results.read_results(path), metric="bleu")
