@@ -10,9 +10,7 @@ from pathlib import Path
 
 from mergescale.errors import MergescaleError
 
-NOT_YET = {
-    "study": "run a study: many experts x many methods x held-in / held-out",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def _zoo_build(args: argparse.Namespace) -> int:
@@ -106,6 +104,33 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from mergescale.orchestrator.report import print_leaderboard
+    from mergescale.orchestrator.results import read_results
+    from mergescale.orchestrator.study import run_study
+    from mergescale.specs import load_study_spec
+
+    spec = load_study_spec(args.spec)
+    run = run_study(spec, args.spec, args.out, address=args.address, progress=not args.quiet)
+    print_leaderboard(read_results(run.results), top=args.top)
+    print(
+        f"study {spec.name}: {run.jobs} jobs, {run.skipped} already done, {run.ran} run now "
+        f"({run.references_evaluated} reference models evaluated) in {run.seconds:.1f} s; "
+        f"results in {run.results}; report: mergescale study report {run.results} --out DIR",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _study_report(args: argparse.Namespace) -> int:
+    from mergescale.orchestrator.report import write_report
+
+    for path in write_report(args.results, args.out, metric=args.metric):
+        print(path)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mergescale.zoo.build import build_zoo, preset_spec
     from mergescale.zoo.report import print_scores
@@ -181,6 +206,24 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--max-model-len", type=int, help="engine context length (default: the model's, at most 4096)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(run=_eval)
+
+    st = sub.add_parser("study", help="run a study (many expert subsets x many methods, held-in / held-out) and report")
+    ssub = st.add_subparsers(dest="study_command", metavar="STUDY_COMMAND", required=True)
+    r = ssub.add_parser("run", help="run every job of a study not yet in its results store (resumable)")
+    r.add_argument("spec", type=Path, metavar="STUDY.yaml")
+    r.add_argument("--out", type=Path, help="results directory (default: the spec's `results:`, else results/NAME)")
+    r.add_argument(
+        "--address",
+        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray using this machine's cores)",
+    )
+    r.add_argument("--top", type=int, help="leaderboard rows to print (default: all)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(run=_study_run)
+    rp = ssub.add_parser("report", help="leaderboard (Markdown, HTML), plots and tables from a results store")
+    rp.add_argument("results", type=Path, metavar="RESULTS")
+    rp.add_argument("--out", type=Path, required=True, help="directory for the report files")
+    rp.add_argument("--metric", help="metric to report (default: each task's primary metric)")
+    rp.set_defaults(run=_study_report)
 
     for name, help_ in NOT_YET.items():
         sp = sub.add_parser(name, help=f"{help_} [not implemented yet]", add_help=False)

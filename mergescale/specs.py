@@ -186,3 +186,123 @@ def _relative_to(spec: MergeSpec, root: Path) -> MergeSpec:
             "experts": [e.model_copy(update={"model": fix(e.model)}) for e in spec.experts],
         }
     )
+
+
+# ---------------------------------------------------------------- studies
+class StudyExpert(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str  # a directory (relative to the spec file), a hub id, or zoo:NAME
+    task: str | None = None  # its held-in lm-eval task (zoo experts: zoo_<name>)
+
+
+class SubsetsSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sizes: list[int] = Field(min_length=1)  # numbers of experts per merge
+    sample: int | None = Field(None, ge=1)  # a seeded sample of this many subsets per size (default: all)
+    seed: int = 0
+
+
+class MethodSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    label: str | None = None  # default: the method, then the grid values
+    parameters: dict[str, Setting] = Field(default_factory=dict)  # fixed for every job of this method
+    grid: dict[str, list[Setting]] = Field(default_factory=dict)  # axes: one job per combination
+
+
+class EvalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    held_out: list[str] = Field(default_factory=list)  # lm-eval tasks, groups or tags
+    limit: int | dict[str, int] | None = None  # documents per task: one number, or {task: n, default: n}
+    backend: Literal["vllm", "hf"] = "vllm"
+    divergences: bool = True
+    include_paths: list[str] = Field(default_factory=list)  # extra lm-eval task YAML directories
+    max_model_len: int | None = None
+
+
+class ResourcesSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_workers: int = Field(1, ge=1)  # shard tasks in flight per merge (one CPU, or half a GPU, each)
+    merges_in_flight: int = Field(1, ge=1)  # merges running at once
+    evaluators: int | None = Field(None, ge=1)  # evaluator actors (default: sized to what merges leave)
+    eval_threads: int | None = Field(None, ge=1)  # threads per CPU evaluator (default 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class StudySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    zoo: dict[str, Any] | None = None  # {preset: tiny, seed: 0}: makes zoo:NAME references available
+    base: str
+    experts: dict[str, StudyExpert] | Literal["zoo"]
+    subsets: SubsetsSpec
+    methods: list[MethodSpec] = Field(min_length=1)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    keep_models: bool = False  # default: a merged model is deleted once evaluated
+    results: str | None = None  # results directory (relative to the spec file); default results/<name>
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _expert_entries(cls, v):
+        if isinstance(v, dict):
+            return {k: {"model": e} if isinstance(e, str) else e for k, e in v.items()}
+        return v
+
+
+def yaml_line(text: str, loc: tuple) -> int | None:
+    """The line (1-based) of the YAML node at ``loc`` (keys and list indices) in ``text``, or of its
+    deepest existing parent."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _read_yaml(path: Path, what: str) -> tuple[str, dict]:
+    try:
+        text = path.read_text()
+        raw = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise MergescaleError(f"{path}: no such file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise MergescaleError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise MergescaleError(f"{path}: {what}")
+    return text, raw
+
+
+def load_study_spec(path: Path | str) -> StudySpec:
+    """Read and validate a study YAML; an error names the file, the line and the key."""
+    path = Path(path)
+    text, raw = _read_yaml(path, "a study is a YAML mapping with name:, base:, experts:, subsets:, methods:")
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p[:1].isupper() or "[" in str(p)))
+        line = yaml_line(text, loc)
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        fields = {
+            (): StudySpec, ("subsets",): SubsetsSpec, ("eval",): EvalSpec, ("resources",): ResourcesSpec,
+        }  # fmt: skip
+        hint = ""
+        if e["type"] == "extra_forbidden" and loc[:-1] in fields:
+            hint = f"; known keys: {', '.join(fields[loc[:-1]].model_fields)}"
+        raise MergescaleError(f"{path}:{line or '?'}: key `{key}`: {e['msg']}{hint}") from None

@@ -143,30 +143,26 @@ class EvaluatorPool:
         slot.lost += 1
 
     # ---------------------------------------------------------------- work
+    def run(self, fn: Callable[[Lease, str], object], model: str):
+        """``fn(lease, model)`` on an actor (blocks until one is free).  If the actor dies, the model is
+        evaluated again from the start on a replacement actor (at most :data:`ATTEMPTS` times); only
+        the complete result of the last attempt is returned."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with self.lease(model) as lease:
+                    return fn(lease, model)
+            except ActorLost as err:
+                log.warning("evaluator died while evaluating %s (%s); re-queued, attempt %d", model, err, attempt + 1)
+        raise MergescaleError(
+            f"{model}: its evaluator died {ATTEMPTS} times; out of memory? use fewer --actors or a smaller "
+            "--max-model-len"
+        )
+
     def map(self, fn: Callable[[Lease, str], object], models: Sequence[str], on_done=None) -> list:
-        """``fn(lease, model)`` for every model, spread over the actors; results in the models' order.
-
-        A model whose actor dies is evaluated again from the start on a replacement actor (at most
-        :data:`ATTEMPTS` times); only the complete result of its last attempt is kept.
-        """
-
-        def run(model: str):
-            for attempt in range(1, ATTEMPTS + 1):
-                try:
-                    with self.lease(model) as lease:
-                        return fn(lease, model)
-                except ActorLost as err:
-                    log.warning(
-                        "evaluator died while evaluating %s (%s); re-queued, attempt %d", model, err, attempt + 1
-                    )
-            raise MergescaleError(
-                f"{model}: its evaluator died {ATTEMPTS} times; out of memory? use fewer --actors or a smaller "
-                "--max-model-len"
-            )
-
+        """:meth:`run` for every model, spread over the actors; results in the models' order."""
         results: list = [None] * len(models)
         with ThreadPoolExecutor(self.size, thread_name_prefix="evaluator") as ex:
-            futures = {ex.submit(run, m): i for i, m in enumerate(models)}
+            futures = {ex.submit(self.run, fn, m): i for i, m in enumerate(models)}
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -116,24 +116,30 @@ class EvalSuite:
             results = run_tasks(MergescaleLM(lease, model), part, self.limits) if wanted else {}
         finally:
             self._task_sets.put(mine)
+        self.write_references(lease, model)
+        divs = {t: lease.divergence(model, str(self.ref_files[t])) for t in divergences or () if t in self.ref_files}
+        return {"results": results, "divergences": divs, "seconds": time.perf_counter() - t0}
+
+    def write_references(self, lease: Lease, model: str) -> None:
+        """If ``model`` is the expert of held-in tasks whose reference files are missing, write them."""
         for task, expert in self.experts.items():
             if expert == model and task in self.ref_files and not self.ref_files[task].exists():
                 self.ref_files[task].parent.mkdir(parents=True, exist_ok=True)
                 lease.reference(model, self.prompts[task][0], self.prompts[task][1], str(self.ref_files[task]))
-        divs = {t: lease.divergence(model, str(self.ref_files[t])) for t in divergences or () if t in self.ref_files}
-        return {"results": results, "divergences": divs, "seconds": time.perf_counter() - t0}
 
-    def rows(self, outcome: Mapping[str, dict], hashes: Mapping[str, str]) -> list[dict]:
+    def rows(self, outcome: Mapping[str, dict], hashes: Mapping[str, str],
+             references: Sequence[dict] = ()) -> list[dict]:  # fmt: skip
         """Normalized rows (``eval.scores.SCHEMA``) of every model in ``outcome`` ({model: what
-        :meth:`evaluate` returned}); the references' outcomes must be among them."""
-        rows: list[dict] = []
+        :meth:`evaluate` returned}).  The references' scores come from their outcomes (when they are
+        among them) or from ``references``: earlier rows of theirs, ``model`` being their path."""
+        rows: list[dict] = [dict(r) for r in references if r["kind"] == "score" and r["model"] not in outcome]
         for model, result in outcome.items():
             rows += [
                 {**r, "weights_sha256": hashes[model], "eval_seconds": result["seconds"]}
                 for r in scores.score_rows(model, result["results"], self.roles)
                 + scores.divergence_rows(model, result["divergences"], self.experts)
             ]
-        rows = scores.normalize(rows, self.base, self.experts)
+        rows = [r for r in scores.normalize(rows, self.base, self.experts) if r["model"] in outcome]
         for r in rows:
             if r["kind"] == "summary":
                 r["weights_sha256"], r["eval_seconds"] = hashes[r["model"]], outcome[r["model"]]["seconds"]
