@@ -10,8 +10,6 @@ from pathlib import Path
 
 from mergescale.errors import MergescaleError
 
-NOT_YET: dict[str, str] = {}
-
 
 def _zoo_build(args: argparse.Namespace) -> int:
     from mergescale.zoo.build import build_zoo, preset_spec
@@ -141,13 +139,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_implemented(name: str):
-    def run(args: argparse.Namespace) -> int:
-        raise MergescaleError(f"`mergescale {name}` is not implemented yet ({NOT_YET[name]})")
-
-    return run
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergescale",
@@ -224,11 +215,6 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=Path, required=True, help="directory for the report files")
     rp.add_argument("--metric", help="metric to report (default: each task's primary metric)")
     rp.set_defaults(run=_study_report)
-
-    for name, help_ in NOT_YET.items():
-        sp = sub.add_parser(name, help=f"{help_} [not implemented yet]", add_help=False)
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(run=_not_implemented(name))
 
     d = sub.add_parser("demo", help="the main job on the embedded default: build the tiny zoo and print its scores")
     d.add_argument("--seed", type=int, default=0)

@@ -21,13 +21,16 @@ def test_help_lists_every_subcommand():
         assert sub in res.stdout
 
 
-def test_unimplemented_subcommands_say_so_and_fail():
-    for sub in ("study",):
-        res = run(sub, "anything")
-        assert res.returncode != 0
-        assert "not implemented yet" in res.stderr
-        assert "Traceback" not in res.stderr
-        assert len(res.stderr.strip().splitlines()) == 1
+def test_a_bad_study_spec_is_one_line_naming_the_line_and_key(tmp_path):
+    spec = tmp_path / "study.yaml"
+    spec.write_text("name: s\nbase: zoo:base\nexperts: zoo\nsubsets:\n  sizes: [2]\n  smaple: 3\nmethods: []\n")
+    res = run("study", "run", str(spec))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"mergescale: error: {spec}:6: key `subsets.smaple`: Extra inputs are not permitted; "
+        "known keys: sizes, sample, seed"
+    ]
+    assert not (tmp_path / "results").exists()
 
 
 def test_eval_of_a_missing_model_dir_is_one_line(tmp_path):

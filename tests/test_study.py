@@ -1,0 +1,228 @@
+"""Studies: spec validation, expansion to keyed jobs, and real runs on the tiny zoo (real Ray, real vLLM,
+real lm-eval) — including a driver killed with SIGKILL mid-study and resumed."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+import mergescale
+from mergescale.errors import MergescaleError
+from mergescale.orchestrator import results as store
+from mergescale.orchestrator.study import StudyModels, expand, reference_units
+from mergescale.specs import StudySpec, load_study_spec
+
+MERGESCALE = Path(sys.executable).parent / "mergescale"
+NAMES = ["upper", "shift1", "shift3", "atbash", "rot13", "digit", "upshift", "pairswap"]
+
+
+def _models() -> StudyModels:
+    """Eight experts as the expansion sees them: names, directories, tasks and weight hashes."""
+    experts = {n: (f"/m/{n}", f"zoo_{n}") for n in NAMES}
+    return StudyModels("/m/base", experts, {"/m/base": "b" * 64, **{f"/m/{n}": n * 8 for n in NAMES}})
+
+
+def _spec(**overrides) -> StudySpec:
+    raw = {"name": "s", "base": "/m/base", "experts": {n: {"model": f"/m/{n}", "task": f"zoo_{n}"} for n in NAMES},
+           "subsets": {"sizes": [2, 4]}, "methods": [{"method": "ties"}], **overrides}  # fmt: skip
+    return StudySpec.model_validate(raw)
+
+
+def test_expansion_is_every_k_subset_times_every_grid_point_with_stable_distinct_keys(monkeypatch):
+    spec = _spec(methods=[{"method": "task_arithmetic", "grid": {"lambda": [0.3, 1.0]}}, {"method": "ties"}])
+    jobs = expand(spec, _models())
+    assert len(jobs) == (math.comb(8, 2) + math.comb(8, 4)) * 3
+    assert {j.experts for j in jobs} == {*combinations(NAMES, 2), *combinations(NAMES, 4)}
+    assert {j.label for j in jobs} == {"task_arithmetic lambda=0.3", "task_arithmetic lambda=1.0", "ties"}
+    assert len({j.key for j in jobs}) == len(jobs)
+    assert [j.key for j in expand(spec, _models())] == [j.key for j in jobs]  # same spec, same keys
+    assert jobs[0].model_id == "task_arithmetic lambda=0.3/upper+shift1"
+    # the key is content: renaming a label keeps it, a parameter, a limit, a weight hash or the version changes it
+    first = jobs[0].key
+    relabelled = _spec(methods=[{"method": "task_arithmetic", "label": "ta", "grid": {"lambda": [0.3, 1.0]}}])
+    assert expand(relabelled, _models())[0].key == first
+    other = _spec(methods=[{"method": "task_arithmetic", "grid": {"lambda": [0.31]}}])
+    assert expand(other, _models())[0].key != first
+    limited = _spec(methods=spec.model_dump()["methods"], eval={"limit": 10})
+    assert expand(limited, _models())[0].key != first
+    models = _models()
+    models.hashes["/m/upper"] = "f" * 64
+    assert expand(spec, models)[0].key != first
+    monkeypatch.setattr(mergescale, "__version__", "9.9.9")
+    assert expand(spec, _models())[0].key != first
+
+
+def test_a_seeded_sample_of_subsets_is_reproducible_and_seeds_multiply_jobs():
+    spec = _spec(subsets={"sizes": [2, 4], "sample": 5, "seed": 3}, seeds=[0, 1])
+    jobs = expand(spec, _models())
+    assert len(jobs) == 2 * 5 * 2
+    assert [j.key for j in expand(spec, _models())] == [j.key for j in jobs]
+    other = expand(_spec(subsets={"sizes": [2, 4], "sample": 5, "seed": 4}, seeds=[0, 1]), _models())
+    assert {j.experts for j in other} != {j.experts for j in jobs}
+    assert {j.model_id.rsplit("/", 1)[1] for j in jobs} == {"seed=0", "seed=1"}
+    # references: the base and each expert, keyed apart from the jobs
+    refs = reference_units(spec, _models())
+    assert [u["model_id"] for u in refs] == ["base", *(f"expert:{n}" for n in NAMES)]
+    assert not {u["key"] for u in refs} & {j.key for j in jobs}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"subsets": {"sizes": [9]}}, "subsets.sizes: 9 experts per merge, but the study has 8 experts"),
+        ({"methods": [{"method": "ties", "parameters": {"density": 0.2}, "grid": {"density": [0.1]}}]},
+         "methods.0: `density` is both in parameters and in grid; keep one"),
+        ({"methods": [{"method": "ties"}, {"method": "ties"}]}, "two method entries are both labelled 'ties'"),
+        ({"methods": [{"method": "ties", "grid": {"density": []}}]}, "methods.0.grid.density: give at least one"),
+    ],
+)  # fmt: skip
+def test_expansion_errors_name_the_key(change, message):
+    with pytest.raises(MergescaleError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        expand(_spec(**change), _models())
+
+
+def test_spec_errors_name_the_file_line_and_key(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        "name: s\nbase: b\nexperts:\n  a: {model: x, tsk: t}\nsubsets: {sizes: [2]}\nmethods: [{method: ties}]\n"
+    )
+    with pytest.raises(MergescaleError, match=rf"^{path}:4: key `experts.a.tsk`: Extra inputs are not permitted$"):
+        load_study_spec(path)
+    path.write_text("name: s\nbase: b\nexperts: zoo\nsubsets: {sizes: [2]}\nmethods:\n  - method: ties\n    grid: 3\n")
+    with pytest.raises(MergescaleError, match=rf"^{path}:7: key `methods.0.grid`: Input should be a valid dictionary"):
+        load_study_spec(path)
+    path.write_text("name: s\nbase: b\n  experts: zoo\n")
+    with pytest.raises(MergescaleError, match=rf"^{path}: line 3 is not valid YAML"):
+        load_study_spec(path)
+
+
+# ---------------------------------------------------------------- real runs
+def _write_study(tmp_path: Path, **overrides) -> Path:
+    raw = {
+        "name": "tiny-study",
+        "zoo": {"preset": "tiny", "seed": 0},
+        "base": "zoo:base",
+        "experts": {"upper": "zoo:upper", "rot13": "zoo:rot13", "digit": "zoo:digit"},
+        "subsets": {"sizes": [2]},
+        "methods": [{"method": "task_arithmetic", "parameters": {"lambda": 0.5}}, {"method": "ties"}],
+        "eval": {"held_out": ["zoo_copy"], "limit": 20},
+        "resources": {"merge_workers": 1, "eval_threads": 1},
+        "results": "res",
+        **overrides,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _key_rows(rows):
+    return [(r["job_key"], r["model"], r["task"], r["kind"], r["metric"]) for r in rows]
+
+
+@pytest.mark.slow
+def test_a_study_runs_merges_and_evaluations_and_its_rows_are_normalized(tiny_zoo, ray_session, tmp_path):
+    """In-process run on the session's Ray with ``keep_models``: every job's rows, normalized against the
+    reference rows of the store, divergences to its experts, the kept model equal to a direct merge."""
+    from mergescale.checkpoints import weights_sha256
+    from mergescale.orchestrator.merge import run_merge
+    from mergescale.orchestrator.study import run_study
+
+    path = _write_study(tmp_path, keep_models=True)
+    run = run_study(load_study_spec(path), path, progress=False)
+    assert (run.jobs, run.skipped, run.ran, run.references_evaluated) == (6, 0, 6, 4)
+    rows = store.read_results(tmp_path / "res").to_pylist()
+    assert len(_key_rows(rows)) == len(set(_key_rows(rows)))
+    refs = {(r["model"], r["task"]): r["value"] for r in rows if r["kind"] == "score" and r["metric"] == "exact_match"
+            and r["job_kind"] != store.MERGE}  # fmt: skip
+    assert refs[("expert:upper", "zoo_upper")] > 0.9 and refs[("base", "zoo_copy")] > 0.9
+    merges = [r for r in rows if r["job_kind"] == store.MERGE]
+    assert {r["model"] for r in merges} == {
+        f"{m}/{a}+{b}" for m in ("task_arithmetic", "ties") for a, b in combinations(["upper", "rot13", "digit"], 2)
+    }
+    for r in merges:
+        if r["kind"] == "score" and r["metric"] == "exact_match":
+            ref = refs[(f"expert:{r['task'][4:]}", r["task"]) if r["role"] == "held_in" else ("base", r["task"])]
+            assert r["normalized"] == pytest.approx(r["value"] / ref)
+            assert r["n"] == 20
+    ta = {(r["task"], r["kind"], r["metric"]): r for r in merges if r["model"] == "task_arithmetic/upper+rot13"}
+    assert set(t for t, k, _ in ta if k == "score") == {"zoo_upper", "zoo_rot13", "zoo_copy"}
+    anp = ta[("(held-in)", "summary", "exact_match")]["normalized"]
+    assert anp == pytest.approx((ta[("zoo_upper", "score", "exact_match")]["normalized"]
+                                 + ta[("zoo_rot13", "score", "exact_match")]["normalized"]) / 2)  # fmt: skip
+    assert 0 < ta[("zoo_upper", "divergence", "js")]["value"] < math.log(2)
+    assert ta[("zoo_upper", "divergence", "js")]["merge_seconds"] > 0
+    # the kept model is the merge the spec describes, byte for byte
+    kept = Path(ta[("zoo_upper", "score", "exact_match")]["model_path"])
+    assert ta[("zoo_upper", "score", "exact_match")]["weights_sha256"] == weights_sha256(kept)
+    direct = run_merge(_direct_spec(tiny_zoo), tmp_path / "direct", progress=False)
+    assert weights_sha256(direct.path) == weights_sha256(kept)
+
+
+def _direct_spec(zoo):
+    from mergescale.specs import MergeSpec
+
+    return MergeSpec.model_validate({"method": "task_arithmetic", "base": str(zoo.base), "parameters": {"lambda": 0.5},
+                                     "experts": [str(zoo.experts["upper"]), str(zoo.experts["rot13"])]})  # fmt: skip
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (its embedded Ray, workers, engines): a power cut."""
+    try:
+        proc = psutil.Process(pid)
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_loses_only_jobs_in_flight_and_a_rerun_completes_the_study(tiny_zoo, tmp_path):
+    path = _write_study(tmp_path, subsets={"sizes": [1, 2]})  # 3 + 3 subsets x 2 methods = 12 jobs
+    res = tmp_path / "res"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the command starts its own Ray
+    first = subprocess.Popen([str(MERGESCALE), "study", "run", str(path), "--quiet"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while len(store.done_keys(res, store.JOBS)) < 2:
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no job finished in 5 minutes"
+            time.sleep(0.05)
+    finally:
+        _kill_tree(first.pid)
+    done = {p.name: p.stat().st_mtime_ns for p in (res / store.JOBS).glob("*.parquet")}
+    assert 2 <= len(done) < 12, "the kill should land mid-study"
+
+    second = subprocess.run([str(MERGESCALE), "study", "run", str(path), "--quiet"], env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"12 jobs, {len(done)} already done, {12 - len(done)} run now" in second.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in (res / store.JOBS).glob("*.parquet")}
+    assert len(after) == 12
+    assert all(after[name] == mtime for name, mtime in done.items())  # no finished job was redone
+    rows = store.read_results(res).to_pylist()
+    assert len(_key_rows(rows)) == len(set(_key_rows(rows)))  # no duplicate rows
+    assert len({r["job_key"] for r in rows if r["job_kind"] == store.MERGE}) == 12
+    assert not list(res.rglob(".*.tmp-*"))
+    assert not any((res / store.MODELS).iterdir())  # keep_models false: merged models deleted once evaluated
+    # one-expert "merges" at lambda 0.5 and the experts' own scores: the pipeline is consistent end to end
+    solo = [r for r in rows if r["model"] == "ties/upper" and r["task"] == "(held-in)" and r["metric"] == "exact_match"]
+    assert len(solo) == 1 and solo[0]["normalized"] > 0.5
+
+    third = subprocess.run([str(MERGESCALE), "study", "run", str(path), "--quiet"], env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert third.returncode == 0 and "12 jobs, 12 already done, 0 run now" in third.stderr
+    assert "ties" in third.stdout  # the leaderboard is printed from the store
