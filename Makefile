@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (set up, then run the main job) and `make test`.
+# The README's two commands: `make demo` (set up, then run the quickstart study) and `make test`.
 # Both create .venv with Python 3.11 and install mergescale with its CPU and dev extras.
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/mergescale demo
+	$(BIN)/mergescale study run examples/quickstart.yaml
+	$(BIN)/mergescale study report results/quickstart --out results/quickstart/report
 
 test: setup
 	$(BIN)/ruff check mergescale tests benchmarks

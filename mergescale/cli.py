@@ -129,16 +129,6 @@ def _study_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from mergescale.zoo.build import build_zoo, preset_spec
-    from mergescale.zoo.report import print_scores
-
-    zoo = build_zoo(preset_spec("tiny", seed=args.seed), progress=not args.quiet)
-    print_scores(zoo)
-    print(f"zoo: {zoo.root}")
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergescale",
@@ -215,11 +205,6 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=Path, required=True, help="directory for the report files")
     rp.add_argument("--metric", help="metric to report (default: each task's primary metric)")
     rp.set_defaults(run=_study_report)
-
-    d = sub.add_parser("demo", help="the main job on the embedded default: build the tiny zoo and print its scores")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.set_defaults(run=_demo)
     return p
 
 

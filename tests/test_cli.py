@@ -17,7 +17,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     res = run("--help")
     assert res.returncode == 0
-    for sub in ("zoo", "merge", "eval", "study", "demo"):
+    for sub in ("zoo", "merge", "eval", "study"):
         assert sub in res.stdout
 
 
@@ -59,9 +59,9 @@ def test_bad_arguments_fail_with_usage():
     assert "invalid choice: 'huge'" in res.stderr
 
 
-def test_demo_prints_the_zoo_score_table(tiny_zoo):
-    res = run("demo", "--quiet")  # the zoo fixture has filled the cache: the demo reuses it
+def test_zoo_build_reuses_the_cache_and_prints_the_score_table(tiny_zoo):
+    res = run("zoo", "build", "--quiet")  # the zoo fixture has filled the cache: the command reuses it
     assert res.returncode == 0, res.stderr
-    assert f"zoo: {tiny_zoo.root}" in res.stdout
+    assert str(tiny_zoo.root) in res.stdout
     for model in ["base"] + list(tiny_zoo.experts):
         assert model in res.stdout

@@ -226,3 +226,27 @@ def test_a_killed_driver_loses_only_jobs_in_flight_and_a_rerun_completes_the_stu
                            text=True, timeout=120)  # fmt: skip
     assert third.returncode == 0 and "12 jobs, 12 already done, 0 run now" in third.stderr
     assert "ties" in third.stdout  # the leaderboard is printed from the store
+
+
+@pytest.mark.slow
+def test_a_study_runs_unchanged_as_the_entrypoint_of_a_ray_job_on_a_two_node_cluster(tiny_zoo, tmp_path):
+    """`ray job submit` runs the entrypoint with RAY_ADDRESS set: the command joins the cluster, spreads
+    merges and the evaluator over its nodes, and leaves the cluster running."""
+    from ray.cluster_utils import Cluster
+
+    path = _write_study(tmp_path, methods=[{"method": "ties"}])
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        env = {**os.environ, "RAY_ADDRESS": cluster.address}
+        res = subprocess.run([str(MERGESCALE), "study", "run", str(path), "--quiet"], env=env, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "3 jobs, 0 already done, 3 run now (4 reference models evaluated)" in res.stderr
+        assert len(cluster.list_all_nodes()) == 2 and all(n.all_processes_alive() for n in cluster.list_all_nodes())
+    finally:
+        cluster.shutdown()
+    rows = store.read_results(tmp_path / "res").to_pylist()
+    assert {r["model"] for r in rows if r["job_kind"] == store.MERGE} == {"ties/upper+rot13", "ties/upper+digit",
+                                                                          "ties/rot13+digit"}  # fmt: skip

@@ -267,6 +267,7 @@ class StudyContext:
     reference_rows: list[dict] = field(default_factory=list)  # score rows of the references, model = path
     merge_slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
     references_ready: threading.Event = field(default_factory=threading.Event)
+    failed: threading.Event = field(default_factory=threading.Event)  # the run is stopping on an error
     device: str = "auto"
     on_merged: object = None  # callback(job) after its merge
 
@@ -291,6 +292,8 @@ def merge_and_evaluate(job: Job, ctx: StudyContext) -> list[dict]:
     if ctx.on_merged:
         ctx.on_merged(job)
     ctx.references_ready.wait()
+    if ctx.failed.is_set():
+        raise MergescaleError(f"job {job.model_id}: not evaluated, the study is stopping on an earlier error")
     held_in = [ctx.models.task_of(e) for e in job.experts]
     model = str(out)
     outcome = ctx.pool.run(lambda lease, m: ctx.suite.evaluate(lease, m, held_in + ctx.held_out, held_in), model)
@@ -461,24 +464,33 @@ def _run(spec, models, results, pending, refs, refs_done, address, progress):
                 pool.map(lambda lease, m: suite.write_references(lease, m), list(dict.fromkeys(missing)))
 
         ran = 0
+        ex = ThreadPoolExecutor(pool.size + r.merges_in_flight + 1, thread_name_prefix="job")
         try:
-            with ThreadPoolExecutor(pool.size + r.merges_in_flight + 1, thread_name_prefix="job") as ex:
-                ref_future = ex.submit(references)
-                ref_future.add_done_callback(lambda f: ctx.references_ready.set())
-                futures = {ex.submit(merge_and_evaluate, job, ctx): job for job in pending}
-                waiting = {ref_future, *futures}
-                while waiting:
-                    finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        if fut.exception() is not None:
-                            for other in waiting:
-                                other.cancel()
-                            raise fut.exception()
-                        if fut in futures:
-                            ran += 1
-                            bars.advance("eval")
+
+            def references_or_stop() -> None:
+                try:
+                    references()
+                except BaseException:
+                    ctx.failed.set()  # before the jobs waiting for the references wake up
+                    raise
+
+            ref_future = ex.submit(references_or_stop)
+            ref_future.add_done_callback(lambda f: ctx.references_ready.set())
+            futures = {ex.submit(merge_and_evaluate, job, ctx): job for job in pending}
+            waiting = {ref_future, *futures}
+            while waiting:
+                finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    if fut.exception() is not None:
+                        ctx.failed.set()  # jobs waiting for the references stop instead of writing rows
+                        raise fut.exception()
+                    if fut in futures:
+                        ran += 1
+                        bars.advance("eval")
             stats = pool.stats()
         finally:
+            # an error or Ctrl-C: jobs not started are dropped, jobs in flight finish (or stop) first
+            ex.shutdown(wait=True, cancel_futures=True)
             pool.shutdown()
     return ran, len(todo_refs), stats
 
