@@ -104,6 +104,21 @@ def test_spec_errors_name_the_file_line_and_key(tmp_path):
         load_study_spec(path)
 
 
+def test_models_that_are_neither_directories_nor_reachable_hub_ids_are_one_line_errors(tmp_path, monkeypatch):
+    from mergescale.orchestrator.study import resolve_models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a cluster without network
+    spec = _spec(base="nobody/no-such-model")
+    with pytest.raises(MergescaleError, match=r"^base: nobody/no-such-model is neither a directory .* nor a reachable"):
+        resolve_models(spec, tmp_path)
+    spec = _spec(base=str(tmp_path), experts={"a": {"model": "missing", "task": "t"}})
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(MergescaleError, match=rf"^experts.a: {tmp_path / 'missing'}: no such model directory"):
+        resolve_models(spec, tmp_path)
+    with pytest.raises(MergescaleError, match="name its held-in lm-eval task"):
+        resolve_models(_spec(base=str(tmp_path), experts={"a": str(tmp_path)}), tmp_path)
+
+
 # ---------------------------------------------------------------- real runs
 def _write_study(tmp_path: Path, **overrides) -> Path:
     raw = {
@@ -135,7 +150,9 @@ def test_a_study_runs_merges_and_evaluations_and_its_rows_are_normalized(tiny_zo
     from mergescale.orchestrator.merge import run_merge
     from mergescale.orchestrator.study import run_study
 
-    path = _write_study(tmp_path, keep_models=True)
+    path = _write_study(
+        tmp_path, keep_models=True, eval={"held_out": ["zoo_copy"], "limit": {"default": 20, "zoo_copy": 10}}
+    )
     run = run_study(load_study_spec(path), path, progress=False)
     assert (run.jobs, run.skipped, run.ran, run.references_evaluated) == (6, 0, 6, 4)
     rows = store.read_results(tmp_path / "res").to_pylist()
@@ -151,7 +168,7 @@ def test_a_study_runs_merges_and_evaluations_and_its_rows_are_normalized(tiny_zo
         if r["kind"] == "score" and r["metric"] == "exact_match":
             ref = refs[(f"expert:{r['task'][4:]}", r["task"]) if r["role"] == "held_in" else ("base", r["task"])]
             assert r["normalized"] == pytest.approx(r["value"] / ref)
-            assert r["n"] == 20
+            assert r["n"] == (10 if r["task"] == "zoo_copy" else 20)  # limits per task
     ta = {(r["task"], r["kind"], r["metric"]): r for r in merges if r["model"] == "task_arithmetic/upper+rot13"}
     assert set(t for t, k, _ in ta if k == "score") == {"zoo_upper", "zoo_rot13", "zoo_copy"}
     anp = ta[("(held-in)", "summary", "exact_match")]["normalized"]
