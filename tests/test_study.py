@@ -138,6 +138,15 @@ def _write_study(tmp_path: Path, **overrides) -> Path:
     return path
 
 
+def test_a_bad_method_parameter_fails_before_anything_is_written(tiny_zoo, tmp_path):
+    from mergescale.orchestrator.study import run_study
+
+    path = _write_study(tmp_path, methods=[{"method": "ties", "parameters": {"densty": 0.2}}])
+    with pytest.raises(MergescaleError, match=r"^methods \(ties, 2 experts\): unknown parameter `densty` for method"):
+        run_study(load_study_spec(path), path, progress=False)
+    assert not (tmp_path / "res").exists()
+
+
 def _key_rows(rows):
     return [(r["job_key"], r["model"], r["task"], r["kind"], r["metric"]) for r in rows]
 

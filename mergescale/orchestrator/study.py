@@ -233,23 +233,25 @@ def reference_units(spec: StudySpec, models: StudyModels) -> list[dict]:
     return units
 
 
-def _hashes(paths: list[str], results: Path) -> dict[str, str]:
-    """Weight hashes of ``paths``, remembered in ``results/hashes.json`` by file sizes and mtimes
-    (hashing big checkpoints on every rerun would take minutes)."""
-    memo_file = results / "hashes.json"
+def _hashes(paths: list[str]) -> dict[str, str]:
+    """Weight hashes of ``paths``, remembered in ``$MERGESCALE_CACHE/weight-hashes.json`` by file sizes
+    and mtimes (hashing big checkpoints on every rerun would take minutes)."""
+    from mergescale.zoo.build import cache_root
+
+    memo_file = cache_root() / "weight-hashes.json"
     memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
-    out = {}
+    out, changed = {}, False
     for p in dict.fromkeys(paths):
         stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(Path(p).glob("*.safetensors"))]
         known = memo.get(p)
         if known and known["files"] == stamp:
             out[p] = known["sha256"]
         else:
-            out[p] = weights_sha256(p)
+            out[p], changed = weights_sha256(p), True
             memo[p] = {"files": stamp, "sha256": out[p]}
-    tmp = memo_file.with_name(f".hashes.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(memo, indent=1, sort_keys=True))
-    os.replace(tmp, memo_file)
+    if changed:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
     return out
 
 
@@ -364,12 +366,13 @@ def run_study(spec: StudySpec, spec_path: Path | str, out: Path | str | None = N
     results = Path(out) if out else default_results(spec, spec_path)
     paths = [str(p if Path(p).is_absolute() else (spec_path.parent / p).resolve()) for p in spec.eval.include_paths]
     spec = spec.model_copy(update={"eval": spec.eval.model_copy(update={"include_paths": paths})})
+    models = resolve_models(spec, spec_path.parent, progress)
+    models.hashes = _hashes([models.base, *(p for p, _ in models.experts.values())])
+    jobs = expand(spec, models)
+    refs = reference_units(spec, models)
+    _validate_methods(jobs, models)  # a bad spec fails here, before anything is written
     with _locked(results):
         _write_text(results / "study.yaml", spec_path.read_text())
-        models = resolve_models(spec, spec_path.parent, progress)
-        models.hashes = _hashes([models.base, *(p for p, _ in models.experts.values())], results)
-        jobs = expand(spec, models)
-        refs = reference_units(spec, models)
         done = store.done_keys(results, store.JOBS)
         pending = [j for j in jobs if j.key not in done]
         refs_done = store.done_keys(results, store.REFERENCES)
@@ -377,7 +380,6 @@ def run_study(spec: StudySpec, spec_path: Path | str, out: Path | str | None = N
         if not pending:
             log.info("all %d jobs of study %s are in %s", len(jobs), spec.name, results)
             return StudyRun(results, len(jobs), len(jobs), 0, 0, time.perf_counter() - started)
-        _validate_methods(pending, models)
         ran, refs_ran, stats = _run(spec, models, results, pending, refs, refs_done, address, progress)
     return StudyRun(results, len(jobs), len(jobs) - len(pending), ran, refs_ran, time.perf_counter() - started, stats)
 
@@ -395,7 +397,7 @@ def _validate_methods(jobs: list[Job], models: StudyModels) -> None:
 
     seen = set()
     for job in jobs:
-        if (job.label, len(job.experts)) in seen:
+        if (job.label, len(job.experts)) in seen:  # one plan per method configuration and subset size
             continue
         seen.add((job.label, len(job.experts)))
         try:
