@@ -8,6 +8,7 @@ mergescale's own merge spec::
       - /models/math                 # a path, or a mapping with per-expert parameters
       - model: /models/code
         parameters: {weight: 0.7}
+        task: humaneval              # its lm-eval task (the inputs of data-driven methods)
     parameters:                      # scalar, list over layers, or per submodule
       density: 0.2
       lambda: {attention: 0.8, default: 1.0}
@@ -36,6 +37,7 @@ Setting = Any  # scalar | list over layers | {submodule: …} | [{filter, value}
 class ExpertSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
+    task: str | None = None  # the lm-eval task this expert was tuned for: data-driven methods draw its inputs there
     parameters: dict[str, Setting] = Field(default_factory=dict)
 
 

@@ -44,6 +44,8 @@ class TensorContext:
 
     ``stats`` is the reduced result of the method's statistics passes (None without them);
     ``order`` is the tensor's position in the model's sorted tensor names (for global tie-breaks).
+    For a data-driven method, ``stats`` is its fit's state and ``aux`` the fit's statistics tensors
+    of this tensor, one per expert (``mergescale/fit/``).
     When the engine streams a big tensor in blocks of rows (see ``Method.rowwise``), ``block`` is
     the block's index among ``blocks`` and ``local`` the reduced result of the method's block passes
     over this tensor.
@@ -56,6 +58,7 @@ class TensorContext:
     block: int = 0
     blocks: int = 1
     local: Any = None
+    aux: Any = None  # a data-driven method's per-expert statistics tensors of this tensor (None without)
 
     def generator(self, expert: int) -> torch.Generator:
         """A generator seeded by (seed, tensor name, expert index): masks never depend on sharding."""
@@ -75,6 +78,8 @@ class Method:
     #: uses an expert only in arithmetic with the fp32 base (``e - base``), which promotes exactly,
     #: so skipping the separate upcast changes no bit and saves a pass over every expert
     experts_as_stored: ClassVar[bool] = False
+    #: a fit step on data runs before the map (``mergescale/fit/``); the experts name their tasks
+    data_driven: ClassVar[bool] = False
 
     class Params(MethodParams):
         pass
@@ -133,7 +138,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def get_method(name: str) -> Method:
-    from mergescale import merge_ops  # noqa: F401  (imports every method module)
+    from mergescale import fit, merge_ops  # noqa: F401  (imports every method module)
 
     try:
         return METHODS[name]()

@@ -117,6 +117,13 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
             f"got {len(spec.experts)}"
         )
     _check_per_expert(spec)
+    if method.data_driven:
+        for i, expert in enumerate(spec.experts):
+            if not expert.task:
+                raise MergescaleError(
+                    f"experts.{i}: method {spec.method} fits on data of each expert's task; name it, "
+                    f"e.g. `- {{model: {expert.model}, task: zoo_upper}}` (an lm-eval task)"
+                )
     if spec.tokenizer != "base" and not 0 <= int(spec.tokenizer) < len(spec.experts):
         raise MergescaleError(f"tokenizer: {spec.tokenizer} is not an expert index (0..{len(spec.experts) - 1})")
     # absolute paths: shard tasks run in other processes (and on other nodes) with another working directory
@@ -258,7 +265,12 @@ class _TensorInputs:
         """The tensor's context, after running the method's block passes (``ctx.local``)."""
         plan = self.plan
         ctx = TensorContext(
-            name=self.name, seed=plan.spec.seed, stats=state, order=plan.order[self.name], blocks=len(self.blocks)
+            name=self.name,
+            seed=plan.spec.seed,
+            stats=state,
+            order=plan.order[self.name],
+            blocks=len(self.blocks),
+            aux=_statistics(state, self.name, self.device),
         )
         for step in range(self.method.block_passes(self.params)):
             per_block = []
@@ -267,6 +279,22 @@ class _TensorInputs:
                 per_block.append(self.method.block_stats(step, base, experts, self.params, replace(ctx, block=i)))
             ctx = replace(ctx, local=self.method.reduce_blocks(step, per_block, ctx.local))
         return ctx
+
+
+def _statistics(state, name: str, device: str) -> list[torch.Tensor] | None:
+    """A data-driven fit's statistics tensors of ``name``, one per expert (None when the fit has none)."""
+    folder = getattr(state, "statistics", None)
+    if not folder:
+        return None
+    from safetensors import safe_open
+
+    out = []
+    for file in sorted(Path(folder).glob("expert-*.safetensors"), key=lambda f: int(f.stem.split("-")[1])):
+        with safe_open(str(file), "pt") as f:
+            if name not in f.keys():
+                return None
+            out.append(f.get_tensor(name).to(device))
+    return out or None
 
 
 def tensor_stats(plan: MergePlan, models: list[ModelDir], name: str, step: int, state, device: str = "cpu"):
@@ -334,7 +362,19 @@ def _naming(shard: Shard, name: str):
         raise MergescaleError(f"shard {shard.label}, tensor {name}: {type(err).__name__}: {err}") from err
 
 
-def model_card(plan: MergePlan, shards: list[ShardInfo]) -> str:
+def _fit_card(fit) -> list[str]:
+    """The model card's account of a data-driven fit: its data and what it produced."""
+    if fit is None:
+        return []
+    lines = ["## Data-driven fit", "", f"Fitted in {fit.seconds:.1f} s on (task, split, documents, seed):", ""]
+    lines += [f"- `{d['task']}` {d['split']}: {d['count']} documents (asked {d['requested']}), seed {d['seed']}"
+              for d in fit.data]  # fmt: skip
+    lines += ["", "Fitted coefficients and statistics (every step in `fit.json`):", "", "```json",
+              json.dumps(fit.summary, indent=1, sort_keys=True), "```", ""]  # fmt: skip
+    return lines
+
+
+def model_card(plan: MergePlan, shards: list[ShardInfo], fit=None) -> str:
     spec = plan.spec
     lines = [
         "---",
@@ -359,6 +399,7 @@ def model_card(plan: MergePlan, shards: list[ShardInfo]) -> str:
         spec.model_dump_json(indent=2),
         "```",
         "",
+        *_fit_card(fit),
         "## Shards (sha256)",
         "",
         *[f"- `{s.file}`: `{s.sha256}`" for s in shards],
@@ -378,6 +419,7 @@ class MergeReport:
     workers: int
     max_task_rss_growth: int  # the largest memory growth of one shard task (bytes; 0 where not measurable)
     nodes: int  # distinct nodes that ran shard tasks
+    fit: object = None  # a data-driven method's FitResult
 
     @property
     def gb_per_s(self) -> float:
@@ -394,12 +436,18 @@ def run_merge(
     device: str = "auto",
     workers: int | None = None,
     block_elements: int = BLOCK_ELEMENTS,
+    references=None,
+    include_paths=(),
+    hashes=None,
 ) -> MergeReport:
     """Plan on the driver, merge every shard as a Ray task into a staging directory, publish atomically.
 
     The driver reads headers only; tasks read their tensors and write their own shard file.  A failed
-    merge (or a killed driver) leaves nothing under ``out``.
+    merge (or a killed driver) leaves nothing under ``out``.  A data-driven method first runs its fit
+    (``orchestrator/fit.py``; ``references``, ``include_paths`` and ``hashes`` are passed to it) and its
+    record is published with the model (``fit.json``, and the model card).
     """
+    from mergescale.orchestrator import fit as fitting
     from mergescale.orchestrator import ray_merge
 
     out = Path(out).absolute()
@@ -408,14 +456,25 @@ def run_merge(
     plan = plan_merge(spec, allow_pickle)
     plan.block_elements = block_elements
     staging = staging_dir(out)
+    work = staging.with_name(staging.name + ".fit")
+    fit = None
     try:
-        run = ray_merge.run_shards(plan, staging, address=address, device=device, workers=workers, progress=progress)
+        if get_method(spec.method).data_driven:
+            fit = fitting.run_fit(plan, work, references=references, include_paths=include_paths, hashes=hashes,
+                                  address=address, device=device)  # fmt: skip
+        run = ray_merge.run_shards(plan, staging, address=address, device=device, workers=workers, progress=progress,
+                                   state=fit.state() if fit else None)  # fmt: skip
         tokenizer_from = plan.sources[0] if spec.tokenizer == "base" else plan.experts[int(spec.tokenizer)]
-        publish(staging, out, run.shards, plan.config, tokenizer_from, model_card(plan, run.shards), plan.sources[0])
+        if fit is not None:
+            fitting.write_record(fit, staging / "fit.json")
+        card = model_card(plan, run.shards, fit)
+        publish(staging, out, run.shards, plan.config, tokenizer_from, card, plan.sources[0])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return MergeReport(
         path=out, seconds=run.seconds, input_bytes=sum(s.input_bytes for s in plan.shards), shards=len(plan.shards),
-        workers=run.workers, max_task_rss_growth=run.max_rss_growth, nodes=run.nodes,
+        workers=run.workers, max_task_rss_growth=run.max_rss_growth, nodes=run.nodes, fit=fit,
     )  # fmt: skip

@@ -150,8 +150,10 @@ def run_shards(
     device: str = "auto",
     workers: int | None = None,
     progress: bool = True,
+    state=None,
 ) -> ShardRun:
-    """Statistics passes (if the method has them), then every shard's merge, as Ray tasks."""
+    """Statistics passes (if the method has them), then every shard's merge, as Ray tasks.  ``state``:
+    what a data-driven method's fit produced (``TensorContext.stats`` of the merge pass)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -175,7 +177,6 @@ def run_shards(
     first = plan.shards[0].names[0]
     passes = method.stats_passes(params_for(plan.spec, locate(first, plan.num_layers)))
     started = time.perf_counter()
-    state = None
     for step in range(passes):
         state_ref = ray.put(state)
         per_shard = _run_tasks(

@@ -8,6 +8,7 @@ Layout::
       references/<key>.parquet       the rows of one reference model (the base, an expert)
       references/<task>-<hash>.safetensors   expert continuations + distributions (divergences)
       models/<job key>/              merged models being evaluated (kept with ``keep_models: true``)
+      fits/<job key>.json            a data-driven merge's fit: data, coefficients and loss of every step
 
 Every Parquet file is written under a temporary dot-name and renamed into place, so a reader (and a
 rerun deciding what is done) sees a unit completely or not at all; ``pyarrow.dataset`` skips
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from mergescale.errors import MergescaleError
 from mergescale.eval import scores
 
-JOBS, REFERENCES, MODELS = "jobs", "references", "models"
+JOBS, REFERENCES, MODELS, FITS = "jobs", "references", "models", "fits"
 #: job_kind of a row: a merged model, or one of the reference models
 MERGE, BASE, EXPERT = "merge", "base", "expert"
 
@@ -45,6 +46,7 @@ SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),  # merge seed
         pa.field("merge_seconds", pa.float64()),  # wall time of the merge (null for references)
         pa.field("model_path", pa.string()),  # where the model is on disk (null once deleted)
+        pa.field("fit", pa.string()),  # data-driven methods: JSON of the fit's data, coefficients, seconds
     ]
 )
 

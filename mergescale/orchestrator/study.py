@@ -144,8 +144,9 @@ class Job:
     model_id: str  # display name: "<label>/<expert>+<expert>[/seed=N]"
 
     def merge_spec(self, models: StudyModels) -> MergeSpec:
+        experts = [{"model": models.experts[e][0], "task": models.experts[e][1]} for e in self.experts]
         return MergeSpec.model_validate({
-            "method": self.method, "base": models.base, "experts": [models.experts[e][0] for e in self.experts],
+            "method": self.method, "base": models.base, "experts": experts,
             "parameters": json.loads(self.parameters), "seed": self.seed,
         })  # fmt: skip
 
@@ -273,6 +274,10 @@ class StudyContext:
     device: str = "auto"
     on_merged: object = None  # callback(job) after its merge
 
+    def write_reference(self, model: str, prompts: list[str], max_tokens: int, out: str) -> None:
+        """A data-driven fit's inputs: ``model``'s continuations of ``prompts`` decoded by the study's pool."""
+        self.pool.run(lambda lease, m: lease.reference(m, prompts, max_tokens, out), model)
+
 
 def merge_and_evaluate(job: Job, ctx: StudyContext) -> list[dict]:
     """Merge one job's model into ``results/models/<key>``, evaluate it (held-in tasks of its experts,
@@ -287,7 +292,9 @@ def merge_and_evaluate(job: Job, ctx: StudyContext) -> list[dict]:
         with ctx.merge_slots:
             try:
                 run_merge(job.merge_spec(ctx.models), out, progress=False, device=ctx.device,
-                          workers=ctx.spec.resources.merge_workers)  # fmt: skip
+                          workers=ctx.spec.resources.merge_workers, references=(ctx.write_reference,
+                          ctx.spec.eval.backend), include_paths=ctx.spec.eval.include_paths,
+                          hashes=ctx.models.hashes)  # fmt: skip
             except MergescaleError as err:
                 raise MergescaleError(f"job {job.model_id}: {err}") from None
     merge_seconds = time.perf_counter() - started
@@ -305,11 +312,23 @@ def merge_and_evaluate(job: Job, ctx: StudyContext) -> list[dict]:
         study=ctx.spec.name, job_key=job.key, job_kind=store.MERGE, method=job.method, label=job.label,
         parameters=job.parameters, experts=list(job.experts), n_experts=len(job.experts), seed=job.seed,
         merge_seconds=merge_seconds, model_path=model if ctx.spec.keep_models else None,
+        fit=_fit_record(out, ctx.results, job.key),
     )  # fmt: skip
     store.write_unit(ctx.results, store.JOBS, job.key, rows)
     if not ctx.spec.keep_models:
         shutil.rmtree(out, ignore_errors=True)
     return rows
+
+
+def _fit_record(model: Path, results: Path, key: str) -> str | None:
+    """A data-driven merge's fit: its full record (every step) copied to ``results/fits/<key>.json``, and
+    the compact part (data, coefficients, diagnostics, seconds) returned for the ``fit`` column."""
+    source = model / "fit.json"
+    if not source.is_file():
+        return None
+    record = json.loads(source.read_text())
+    _write_text(results / store.FITS / f"{key}.json", source.read_text())
+    return json.dumps({k: record[k] for k in ("data", "summary", "seconds")}, sort_keys=True)
 
 
 @dataclass
@@ -370,7 +389,7 @@ def run_study(spec: StudySpec, spec_path: Path | str, out: Path | str | None = N
     models.hashes = _hashes([models.base, *(p for p, _ in models.experts.values())])
     jobs = expand(spec, models)
     refs = reference_units(spec, models)
-    _validate_methods(jobs, models)  # a bad spec fails here, before anything is written
+    _validate_methods(jobs, models, spec.eval.include_paths)  # a bad spec fails here, before anything is written
     with _locked(results):
         _write_text(results / "study.yaml", spec_path.read_text())
         done = store.done_keys(results, store.JOBS)
@@ -385,14 +404,19 @@ def run_study(spec: StudySpec, spec_path: Path | str, out: Path | str | None = N
 
 
 def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _validate_methods(jobs: list[Job], models: StudyModels) -> None:
+def _validate_methods(jobs: list[Job], models: StudyModels, include_paths=()) -> None:
     """Plan (headers only) the first job of every method configuration and subset size: a bad
-    parameter or an arity mismatch fails before any work."""
+    parameter or an arity mismatch fails before any work.  A data-driven method's data (each expert's
+    task and split) is checked too."""
+    from mergescale.fit.data import task_prompts
+    from mergescale.merge_ops import get_method
+    from mergescale.orchestrator.fit import fit_params
     from mergescale.orchestrator.merge import plan_merge
 
     seen = set()
@@ -401,7 +425,11 @@ def _validate_methods(jobs: list[Job], models: StudyModels) -> None:
             continue
         seen.add((job.label, len(job.experts)))
         try:
-            plan_merge(job.merge_spec(models))
+            plan = plan_merge(job.merge_spec(models))
+            if get_method(job.method).data_driven:
+                params = fit_params(plan)
+                for expert in plan.spec.experts:
+                    task_prompts(expert.task, params.split, 1, job.seed, include_paths)
         except MergescaleError as err:
             raise MergescaleError(f"methods ({job.label}, {len(job.experts)} experts): {err}") from None
 

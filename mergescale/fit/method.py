@@ -1,0 +1,112 @@
+"""What every data-driven method shares: its data parameters, what its fit receives and returns, and
+the coefficient map θ = θ0 + Σ_k c_k(tensor) τ_k."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from mergescale.merge_ops.linear import task_arithmetic
+from mergescale.merge_ops.registry import Method, MethodParams
+
+#: the threads a fit uses: reductions split by thread count round differently, so a seed gives the
+#: same coefficients on any machine only with a fixed count
+FIT_THREADS = 1
+
+
+class DataParams(MethodParams):
+    """Where a data-driven method's inputs come from: ``count`` documents of each expert's lm-eval task
+    (``experts[i].task``), drawn from ``split`` with the merge's seed; never the split a study reports."""
+
+    split: Literal["train", "validation"] = "validation"
+    count: int | None = Field(None, ge=1)  # None: the method's paper default
+    max_tokens: int | None = Field(None, ge=1)  # cap of the experts' continuations (None: the task's max_gen_toks)
+    backend: Literal["vllm", "hf"] = "vllm"  # the engine that decodes the experts' continuations
+
+
+@dataclass(frozen=True)
+class ExpertData:
+    """One expert's fit inputs: documents of its task and, in ``reference`` (a safetensors file written by
+    an evaluator), its greedy continuation of each prompt and its next-token log-probabilities along it."""
+
+    task: str
+    split: str
+    requested: int
+    count: int  # documents used (fewer than requested when the split is smaller)
+    seed: int
+    reference: str
+    max_tokens: int  # the continuations' cap
+
+    def describe(self) -> dict:
+        return {"task": self.task, "split": self.split, "count": self.count, "requested": self.requested,
+                "seed": self.seed}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FitInputs:
+    base: str | None
+    experts: list[str]
+    data: list[ExpertData]
+    seed: int
+    workdir: str  # where a fit writes statistics files
+    device: str = "cpu"
+
+
+@dataclass
+class FitResult:
+    """What a fit produced.  ``coefficients``: tensor name → one coefficient per expert (coefficient
+    methods); ``statistics``: a directory of ``expert-<i>.safetensors`` files keyed by tensor name
+    (statistics methods).  ``summary`` is small and goes to the model card and the results store;
+    ``log`` holds every optimisation step (loss and coefficients)."""
+
+    coefficients: dict[str, list[float]] = field(default_factory=dict)
+    statistics: str | None = None
+    summary: dict = field(default_factory=dict)
+    log: list[dict] = field(default_factory=list)
+    data: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def state(self) -> FitState:
+        return FitState(self.coefficients, self.statistics)
+
+    def record(self) -> dict:
+        """Everything, JSON-ready (``fit.json`` of the merged model)."""
+        return {"data": self.data, "summary": self.summary, "seconds": round(self.seconds, 3),
+                "coefficients": self.coefficients, "log": self.log}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FitState:
+    """What the map pass needs from a fit (``TensorContext.stats``): never the step log."""
+
+    coefficients: dict[str, list[float]]
+    statistics: str | None
+
+
+class DataDriven(Method):
+    """A method with a fit step.  ``fit`` runs once, before the map, in a Ray task of its own."""
+
+    data_driven = True
+    per_expert: ClassVar[frozenset[str]] = frozenset()
+    #: documents per task when ``count`` is not given
+    default_count: ClassVar[int] = 200
+
+    def count(self, params: MethodParams) -> int:
+        return params.count or self.default_count
+
+    def fit(self, inputs: FitInputs, params: MethodParams) -> FitResult:
+        raise NotImplementedError
+
+
+class CoefficientMethod(DataDriven):
+    """θ = θ0 + Σ_k c_k τ_k with the fitted coefficients of the tensor (DivMerge, AdaMerging, SLTA)."""
+
+    experts_as_stored = True
+
+    def rowwise(self, params):
+        return True
+
+    def merge(self, base, experts, params, ctx):
+        return task_arithmetic(base, experts, ctx.stats.coefficients[ctx.name])
