@@ -44,9 +44,12 @@ def _merge(args: argparse.Namespace) -> int:
     spec = load_merge_spec(args.config)
     report = run_merge(
         spec, args.out, allow_pickle=args.allow_pickle, progress=not args.quiet,
-        address=args.address, device=args.device, workers=args.workers,
+        address=args.address, device=args.device, workers=args.workers, include_paths=args.include_path,
     )  # fmt: skip
     if not args.quiet:
+        if report.fit is not None:
+            data = ", ".join(f"{d['count']} {d['task']}/{d['split']}" for d in report.fit.data)
+            print(f"{spec.method} fit in {report.fit.seconds:.1f} s on {data}", file=sys.stderr)
         print(
             f"merged {report.shards} shards in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s read) "
             f"on {report.workers} worker(s), {report.nodes} node(s)",
@@ -164,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--device", default="auto", help="auto (cuda when the cluster has GPUs) | cpu | cuda")
     m.add_argument("--workers", type=int, help="shard tasks in flight at once (default: the cluster's CPUs)")
+    m.add_argument("--include-path", action="append", default=[],
+                   help="directory of extra lm-eval task YAMLs (experts' tasks, data-driven methods)")  # fmt: skip
     m.set_defaults(run=_merge)
 
     e = sub.add_parser("eval", help="evaluate model directories on lm-eval tasks with the evaluator pool")

@@ -200,7 +200,16 @@ class StudyExpert(BaseModel):
 class SubsetsSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sizes: list[int] = Field(min_length=1)  # numbers of experts per merge
-    sample: int | None = Field(None, ge=1)  # a seeded sample of this many subsets per size (default: all)
+    # a seeded sample of this many subsets per size, or {size: n} for some sizes (default: all subsets)
+    sample: int | dict[int, int] | None = None
+
+    @field_validator("sample")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and any(n < 1 for n in ([v] if isinstance(v, int) else v.values())):
+            raise ValueError("a sample size is at least 1")
+        return v
+
     seed: int = 0
 
 

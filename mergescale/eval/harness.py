@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +28,31 @@ class TaskResult:
     primary: str  # the task's first metric: what normalized scores and ANP use
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_saved_levels: list[int] = []
+
+
 @contextlib.contextmanager
 def _quiet():
-    """lm-eval logs a warning per task about custom datasets and an info line per request type."""
+    """lm-eval logs a warning per task about custom datasets and an info line per request type.  Nested
+    and concurrent uses (evaluations and fits in threads) restore the levels only when the last one ends."""
+    global _quiet_depth
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    with _QUIET_LOCK:
+        if _quiet_depth == 0:
+            _saved_levels[:] = [lg.level for lg in loggers]
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+        _quiet_depth += 1
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for lg, level in zip(loggers, _saved_levels, strict=True):
+                    lg.setLevel(level)
 
 
 def load_tasks(names: Sequence[str], include_paths: Sequence[str | Path] = ()) -> dict:

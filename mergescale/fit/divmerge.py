@@ -96,6 +96,8 @@ class DivMerge(CoefficientMethod):
         gamma = torch.full((tv.n, len(tv.labels)), init, device=tv.device, requires_grad=True)
         opt = torch.optim.Adam([gamma], lr=params.lr)
         pad = pad_id(tv)
+        everything = [e for ex in examples for e in ex]
+        initial = mean_divergence(tv, gamma, everything, params.divergence, pad)
         steps: list[dict] = []
         for epoch, batch in task_batches(examples, params.batch, params.epochs, inputs.seed):
             loss = divergences(tv, gamma, batch, params.divergence, pad).mean()
@@ -105,11 +107,11 @@ class DivMerge(CoefficientMethod):
             steps.append({"step": len(steps), "epoch": epoch, "loss": float(loss.detach()),
                           "coefficients": gamma.detach().cpu().tolist()})  # fmt: skip
             log.debug("divmerge step %d loss %.6f", len(steps) - 1, steps[-1]["loss"])
-        final = mean_divergence(tv, gamma, [e for ex in examples for e in ex], params.divergence, pad)
+        final = mean_divergence(tv, gamma, everything, params.divergence, pad)
         return FitResult(
             coefficients=tv.per_tensor(gamma),
             summary={"level": params.level, "divergence": params.divergence, "steps": len(steps),
-                     "loss_first": steps[0]["loss"] if steps else None, "loss_final": final,
+                     "loss_initial": initial, "loss_final": final,
                      "coefficients": tv.per_group(gamma)},
             log=steps,
         )  # fmt: skip

@@ -154,23 +154,22 @@ def continuation_logprobs(module, params: dict[str, torch.Tensor], batch: Batch)
 def greedy(module, params: dict[str, torch.Tensor], prompts: Sequence[list[int]], max_tokens: int, eos: int,
            pad: int) -> list[list[int]]:  # fmt: skip
     """Greedy continuations of ``prompts`` under ``params``, ending with EOS when it came before the cap
-    (the convention of the evaluators' reference files).  Prompts of one length decode together."""
+    (the convention of the evaluators' reference files).  ``params`` are copied into the module (whose
+    own values are never used by the functional passes) so transformers' cached decoding runs them;
+    prompts of one length decode together."""
+    named = dict(module.named_parameters())
+    for name, value in params.items():
+        named[name].copy_(value)
     out: list[list[int] | None] = [None] * len(prompts)
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
+    device = next(iter(params.values())).device
     for length, group in sorted(by_length.items()):
-        ids = torch.tensor([prompts[i] for i in group], device=next(iter(params.values())).device)
-        done = torch.zeros(len(group), dtype=torch.bool, device=ids.device)
-        for _ in range(max_tokens):
-            kwargs = {"input_ids": ids, "use_cache": False}
-            step = functional_call(module, params, (), kwargs, strict=False).logits[:, -1]
-            nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), step.argmax(-1))
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done |= nxt == eos
-            if bool(done.all()):
-                break
+        ids = torch.tensor([prompts[i] for i in group], device=device)
+        got = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                              do_sample=False, eos_token_id=eos, pad_token_id=pad)  # fmt: skip
         for row, i in enumerate(group):
-            cont = ids[row, length:].tolist()
+            cont = got[row, length:].tolist()
             out[i] = cont[: cont.index(eos) + 1] if eos in cont else cont
     return out

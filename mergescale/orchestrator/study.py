@@ -160,15 +160,18 @@ def _digest(value) -> str:
 
 
 def subsets(spec: StudySpec, names: list[str]) -> list[tuple[str, ...]]:
-    """All k-subsets of the experts (in the spec's order) for every listed k, or a seeded sample per k."""
+    """All k-subsets of the experts (in the spec's order) for every listed k, or a seeded sample per k
+    (``sample: n`` for every k, ``sample: {k: n}`` for some)."""
     out = []
     for k in spec.subsets.sizes:
         if not 1 <= k <= len(names):
             raise MergescaleError(f"subsets.sizes: {k} experts per merge, but the study has {len(names)} experts")
         every = list(itertools.combinations(names, k))
-        if spec.subsets.sample is not None and spec.subsets.sample < len(every):
+        sample = spec.subsets.sample
+        sample = sample.get(k) if isinstance(sample, dict) else sample
+        if sample is not None and sample < len(every):
             rng = random.Random(f"{spec.subsets.seed}:{k}")
-            every = [every[i] for i in sorted(rng.sample(range(len(every)), spec.subsets.sample))]
+            every = [every[i] for i in sorted(rng.sample(range(len(every)), sample))]
         out += every
     return out
 
