@@ -260,3 +260,45 @@ def test_divmerge_from_the_cli_with_vllm_references_records_every_step(tiny_zoo,
     # same spec and seed, same bytes (the second run reused the cached expert continuations)
     for f in sorted((tmp_path / "a").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
+
+
+def test_every_data_driven_method_runs_inside_a_study_and_records_its_data_and_coefficients(
+    tiny_zoo, ray_session, tmp_path
+):
+    from mergescale.orchestrator import results as store
+    from mergescale.orchestrator.study import run_study
+    from mergescale.specs import load_study_spec
+
+    small = {"count": 8}
+    raw = {
+        "name": "fit-study", "zoo": {"preset": "tiny", "seed": 0}, "base": "zoo:base",
+        "experts": {"upper": "zoo:upper", "shift1": "zoo:shift1"}, "subsets": {"sizes": [2]},
+        "methods": [
+            {"method": "divmerge", "parameters": {**small, "epochs": 1, "level": "layer"}},
+            {"method": "adamerging", "parameters": {**small, "steps": 3}},
+            {"method": "slta", "parameters": {**small, "level": "attn_mlp"}},
+            {"method": "regmean", "parameters": small},
+            {"method": "fisher", "parameters": small},
+        ],
+        "eval": {"held_out": ["zoo_copy"], "limit": 10}, "resources": {"merge_workers": 1, "eval_threads": 1},
+        "results": "res",
+    }  # fmt: skip
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run = run_study(load_study_spec(path), path, progress=False)
+    assert (run.jobs, run.ran) == (5, 5)
+    rows = [r for r in store.read_results(tmp_path / "res").to_pylist() if r["job_kind"] == "merge"]
+    fits = {r["method"]: json.loads(r["fit"]) for r in rows}
+    assert set(fits) == {"divmerge", "adamerging", "slta", "regmean", "fisher"}
+    for method, fit in fits.items():
+        assert [(d["task"], d["split"], d["count"], d["seed"]) for d in fit["data"]] == [
+            ("zoo_upper", "validation", 8, 0), ("zoo_shift1", "validation", 8, 0)], method  # fmt: skip
+        assert fit["seconds"] > 0
+    assert len(fits["divmerge"]["summary"]["coefficients"]["layer 2"]) == 2
+    assert fits["adamerging"]["summary"]["steps"] == 3
+    assert {"layer 0 attention", "layer 0 mlp"} <= set(fits["slta"]["summary"]["submodules"])
+    assert len(fits["fisher"]["summary"]["fisher_trace"]) == 2
+    key = next(r["job_key"] for r in rows if r["method"] == "divmerge")
+    record = json.loads((tmp_path / "res" / store.FITS / f"{key}.json").read_text())
+    assert len(record["log"]) == 2 and "coefficients" in record["log"][0]  # every step, in the store
+    assert all(r["fit"] is None for r in store.read_results(tmp_path / "res").to_pylist() if r["job_kind"] != "merge")
