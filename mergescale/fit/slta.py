@@ -140,8 +140,8 @@ class SLTA(CoefficientMethod):
         subs = submodules(tv, params.level)
         pad = pad_id(tv)
         data = [read_examples(d.reference) for d in inputs.data]
-        A = {s.label: torch.zeros(tv.n, tv.n, dtype=torch.float64) for s in subs}
-        b = {s.label: torch.zeros(tv.n, dtype=torch.float64) for s in subs}
+        A = {s.label: torch.zeros(tv.n, tv.n, dtype=torch.float64, device=tv.device) for s in subs}
+        b = {s.label: torch.zeros(tv.n, dtype=torch.float64, device=tv.device) for s in subs}
 
         def passes(each):
             for t, examples in enumerate(data):
@@ -165,7 +165,8 @@ class SLTA(CoefficientMethod):
         for sub in subs:
             a = A[sub.label]
             rho = params.ridge * float(a.diagonal().mean()) if float(a.diagonal().mean()) > 0 else params.ridge
-            alpha[sub.label] = torch.linalg.solve(a + rho * torch.eye(tv.n, dtype=torch.float64), b[sub.label])
+            eye = torch.eye(tv.n, dtype=torch.float64, device=tv.device)
+            alpha[sub.label] = torch.linalg.solve(a + rho * eye, b[sub.label])
         err = {s.label: 0.0 for s in subs}
         norm = {s.label: 0.0 for s in subs}
 
