@@ -302,3 +302,9 @@ def test_every_data_driven_method_runs_inside_a_study_and_records_its_data_and_c
     record = json.loads((tmp_path / "res" / store.FITS / f"{key}.json").read_text())
     assert len(record["log"]) == 2 and "coefficients" in record["log"][0]  # every step, in the store
     assert all(r["fit"] is None for r in store.read_results(tmp_path / "res").to_pylist() if r["job_kind"] != "merge")
+    # the report draws the loss and coefficients of the fits that logged steps
+    from mergescale.orchestrator.report import write_report
+
+    written = {p.name for p in write_report(tmp_path / "res", tmp_path / "report")}
+    assert {"fits.png", "fits.svg"} <= written
+    assert "## Data-driven fits" in (tmp_path / "report" / "leaderboard.md").read_text()

@@ -22,6 +22,7 @@ tables show them in percent, the plots as ratios with the reference at 1.0.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 import re
@@ -41,7 +42,7 @@ from scipy import stats
 
 from mergescale.errors import MergescaleError
 from mergescale.eval.scores import HELD_IN, HELD_OUT, SUMMARY_TASK
-from mergescale.orchestrator.results import BASE, EXPERT, MERGE, read_results
+from mergescale.orchestrator.results import BASE, EXPERT, FITS, MERGE, read_results
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +359,42 @@ def _line_figure(study: _Study, labels: list[str], attr: str, stem: str, title: 
     return fig
 
 
+def _fit_logs(results: Path, study: _Study, labels: list[str]) -> list[tuple[_Job, list[dict]]]:
+    """For every label whose fits logged steps (DivMerge, AdaMerging): its job with the most experts
+    (the first by key among ties) and that job's step log from ``RESULTS/fits``."""
+    out = []
+    for label in labels:
+        jobs = sorted((j for j in study.jobs if j.label == label), key=lambda j: (-j.n, j.key))
+        for job in jobs:
+            path = results / FITS / f"{job.key}.json"
+            if path.is_file():
+                steps = json.loads(path.read_text()).get("log") or []
+                if steps:
+                    out.append((job, steps))
+                break
+    return out
+
+
+def _fit_figure(logs: list[tuple[_Job, list[dict]]]) -> Figure:
+    """Per fitted label: the loss and each expert's coefficient (mean over its groups) at every step."""
+    fig = _new_figure((10.0, 2.8 * len(logs)))
+    for row, (job, steps) in enumerate(logs):
+        loss_ax = fig.add_subplot(len(logs), 2, 2 * row + 1)
+        coef_ax = fig.add_subplot(len(logs), 2, 2 * row + 2)
+        x = [s["step"] for s in steps]
+        loss_ax.plot(x, [s["loss"] for s in steps], color="tab:gray", linewidth=1)
+        loss_ax.set_title(f"{job.label}: loss per step ({job.n} experts)", fontsize=9)
+        loss_ax.set_xlabel("step")
+        for k, expert in enumerate(job.experts):
+            values = [sum(s["coefficients"][k]) / len(s["coefficients"][k]) for s in steps]
+            coef_ax.plot(x, values, linewidth=1, label=expert, color=_style(k)["color"])
+        coef_ax.set_title(f"{job.label}: coefficient per expert (mean over groups)", fontsize=9)
+        coef_ax.set_xlabel("step")
+        coef_ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 def _heatmap_figure(study: _Study, labels: list[str]) -> Figure:
     columns = study.tasks
     data = np.full((len(labels), len(columns)), np.nan)
@@ -577,10 +614,18 @@ def write_report(results: Path, out: Path, metric: str | None = None) -> list[Pa
             ),
             "heatmap": _heatmap_figure(study, labels),
         }
+        logs = _fit_logs(results, study, labels)
+        if logs:
+            figures["fits"] = _fit_figure(logs)
         for stem, fig in figures.items():
             written += _save(fig, out, stem)
     title = f"Study report: {study.name}"
     blocks = _blocks(study, board)
+    if logs:
+        blocks += [
+            _Block("h2", "Data-driven fits"),
+            _Block("figure", "fits", caption="Loss and coefficients at every step of a fit (the largest merge)"),
+        ]
     md, page = out / "leaderboard.md", out / "leaderboard.html"
     md.write_text(_markdown(title, blocks), encoding="utf-8")
     page.write_text(_html(title, blocks, out), encoding="utf-8")
