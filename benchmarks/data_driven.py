@@ -1,0 +1,77 @@
+"""The data-driven evidence table: mean held-in ANP per method and number of experts, side by side,
+with fit seconds, from the results store of ``examples/data_driven.yaml``.
+
+    mergescale study run examples/data_driven.yaml
+    python benchmarks/data_driven.py results/data_driven [--metric exact_match]
+
+Prints a Markdown table (the one in benchmarks/RESULTS.md): per label, ANP % (mean ± 95 % CI half-width
+over the subsets) at each size, the held-out score, and the mean fit seconds of data-driven methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from scipy import stats
+
+from mergescale.orchestrator.report import leaderboard
+from mergescale.orchestrator.results import read_results
+
+
+def _ci(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, half
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", type=Path)
+    ap.add_argument("--metric", default=None)
+    args = ap.parse_args()
+    table = read_results(args.results)
+    rows = table.to_pylist()
+    metric = args.metric or next(r["metric"] for r in rows if r["kind"] == "score" and r["role"] == "held_in")
+    anp: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    fit_seconds: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    seen = set()
+    for r in rows:
+        if r["job_kind"] != "merge" or r["kind"] != "summary" or r["metric"] != metric or r["role"] != "held_in":
+            continue
+        if r["job_key"] in seen:
+            continue
+        seen.add(r["job_key"])
+        anp[r["label"]][r["n_experts"]].append(r["normalized"])
+        if r["fit"]:
+            fit_seconds[r["label"]][r["n_experts"]].append(json.loads(r["fit"])["seconds"])
+    sizes = sorted({n for by_n in anp.values() for n in by_n})
+    board = {b["label"]: b for b in leaderboard(table, metric)}
+    order = sorted(anp, key=lambda label: -statistics.fmean(anp[label][max(sizes)] or [0.0]))
+    print(f"Held-in ANP ({metric}, % of each expert's own score; mean ± 95 % CI over subsets)\n")
+    head = ["method", *[f"n={n} ({len(anp[order[0]][n])} subsets)" for n in sizes], "held-out %", "fit s (n=2 / max n)"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" + "---:|" * (len(head) - 1))
+    for label in order:
+        cells = []
+        for n in sizes:
+            values = anp[label][n]
+            if not values:
+                cells.append("–")
+                continue
+            mean, half = _ci(values)
+            cells.append(f"{100 * mean:.1f}" + (f" ± {100 * half:.1f}" if half is not None else ""))
+        held_out = board.get(label, {}).get("held_out")
+        fits = fit_seconds.get(label)
+        fit = (f"{statistics.fmean(fits[min(sizes)]):.1f} / {statistics.fmean(fits[max(sizes)]):.1f}"
+               if fits and fits.get(min(sizes)) and fits.get(max(sizes)) else "–")  # fmt: skip
+        print(f"| {label} | " + " | ".join(cells) + f" | {'–' if held_out is None else f'{100 * held_out:.1f}'} | {fit} |")
+
+
+if __name__ == "__main__":
+    main()
