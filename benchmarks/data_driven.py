@@ -70,7 +70,8 @@ def main() -> None:
         fits = fit_seconds.get(label)
         fit = (f"{statistics.fmean(fits[min(sizes)]):.1f} / {statistics.fmean(fits[max(sizes)]):.1f}"
                if fits and fits.get(min(sizes)) and fits.get(max(sizes)) else "–")  # fmt: skip
-        print(f"| {label} | " + " | ".join(cells) + f" | {'–' if held_out is None else f'{100 * held_out:.1f}'} | {fit} |")
+        kept = "–" if held_out is None else f"{100 * held_out:.1f}"
+        print(f"| {label} | " + " | ".join(cells) + f" | {kept} | {fit} |")
 
 
 if __name__ == "__main__":
