@@ -6,6 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+import mergescale.fit  # noqa: F401  (registers the data-driven methods: every method is parametrized below)
+from mergescale.fit.method import FitState
 from mergescale.merge_ops import METHODS, TensorContext, get_method
 from mergescale.merge_ops import sparsify as sp
 
@@ -151,7 +153,10 @@ def test_identical_experts_give_the_expert(name):
     params = {"t": 1.0} if name == "slerp" else {}
     if "density" in m.Params.model_fields:
         params["density"] = 1.0
-    got = run(name, base if m.needs_base else None, [expert.clone() for _ in range(n)], **params)
+    ctx = CTX
+    if m.data_driven and m.needs_base:  # a coefficient map: fitted coefficients that sum to one
+        ctx = replace(CTX, stats=FitState({CTX.name: [1.0 / n] * n}, None))
+    got = run(name, base if m.needs_base else None, [expert.clone() for _ in range(n)], ctx=ctx, **params)
     want = base + n * (expert - base) if name in SUMMING else expert
     assert torch.allclose(got, want, atol=1e-5), name
 
