@@ -34,11 +34,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path)
     ap.add_argument("--metric", default=None)
+    ap.add_argument("--baselines", nargs="+", help="data-free labels for the paired comparison",
+                    default=["task_arithmetic λ=0.3", "task_arithmetic λ=1/n", "ties", "metagpt"])  # fmt: skip
     args = ap.parse_args()
     table = read_results(args.results)
     rows = table.to_pylist()
     metric = args.metric or next(r["metric"] for r in rows if r["kind"] == "score" and r["role"] == "held_in")
     anp: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    by_subset: dict[tuple[str, ...], dict[str, float]] = defaultdict(dict)  # experts -> label -> ANP
     fit_seconds: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     seen = set()
     for r in rows:
@@ -48,6 +51,7 @@ def main() -> None:
             continue
         seen.add(r["job_key"])
         anp[r["label"]][r["n_experts"]].append(r["normalized"])
+        by_subset[tuple(r["experts"])][r["label"]] = r["normalized"]
         if r["fit"]:
             fit_seconds[r["label"]][r["n_experts"]].append(json.loads(r["fit"])["seconds"])
     sizes = sorted({n for by_n in anp.values() for n in by_n})
@@ -72,6 +76,30 @@ def main() -> None:
                if fits and fits.get(min(sizes)) and fits.get(max(sizes)) else "–")  # fmt: skip
         kept = "–" if held_out is None else f"{100 * held_out:.1f}"
         print(f"| {label} | " + " | ".join(cells) + f" | {kept} | {fit} |")
+
+    _paired(by_subset, sizes, args.baselines)
+
+
+def _paired(by_subset: dict, sizes: list[int], baselines: list[str]) -> None:
+    """Paired comparisons on the same subsets: DivMerge layer vs task, task vs the best data-free method
+    of that subset (the strongest baseline chosen after the fact, a harder bar than any fixed one)."""
+    pairs = [("divmerge layer", "divmerge task"), ("divmerge task", "best data-free"),
+             ("divmerge layer", "best data-free")]  # fmt: skip
+    print("\nPaired on the same subsets: mean ANP difference in points, and subsets where the first is ≥ the second\n")
+    print("| comparison | " + " | ".join(f"n={n}" for n in sizes) + " |")
+    print("|---|" + "---:|" * len(sizes))
+    for a, b in pairs:
+        cells = []
+        for n in sizes:
+            diffs = []
+            for subset, got in by_subset.items():
+                free = [got[x] for x in baselines if x in got]
+                values = {**got, "best data-free": max(free) if len(free) == len(baselines) else None}
+                if len(subset) == n and values.get(a) is not None and values.get(b) is not None:
+                    diffs.append(values[a] - values[b])
+            cells.append(f"{100 * statistics.fmean(diffs):+.1f} ({sum(d >= 0 for d in diffs)}/{len(diffs)})"
+                         if diffs else "–")  # fmt: skip
+        print(f"| {a} − {b} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
