@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from mergescale.errors import MergescaleError
 from mergescale.eval.evaluator import Evaluator
 from mergescale.fit.data import read_examples, task_prompts
-from mergescale.fit.divmerge import DivMerge, divergences, pad_id
+from mergescale.fit.divmerge import DivMerge, divergences
 from mergescale.fit.method import ExpertData, FitInputs
-from mergescale.fit.model import Batch, TaskVectors, load_module, read_tensors, weight_names
+from mergescale.fit.model import Batch, TaskVectors, load_module, pad_id, read_tensors, weight_names
 from mergescale.fit.regmean import regmean
 from mergescale.fit.slta import SLTA
 from mergescale.specs import MergeSpec
@@ -49,7 +49,7 @@ def test_the_divergence_is_zero_when_the_merge_is_the_expert(tiny_zoo, hf_evalua
     experts = _experts(tiny_zoo)
     tv = TaskVectors(str(tiny_zoo.base), [str(e) for e in experts], "layer")
     examples = read_examples(_data(hf_evaluator, tmp_path, experts[0], TASKS[0], 24).reference)
-    pad = pad_id(tv)
+    pad = pad_id(tv.module)
     itself, other = torch.zeros(2, len(tv.labels)), torch.zeros(2, len(tv.labels))
     itself[0], other[1] = 1.0, 1.0
     for kind in ("js", "kl"):
@@ -65,7 +65,7 @@ def test_the_js_gradient_matches_finite_differences(tiny_zoo, hf_evaluator, tmp_
     tv = TaskVectors(str(tiny_zoo.base), [str(e) for e in experts], "layer")
     examples = [e for path, task in zip(experts, TASKS, strict=True)
                 for e in read_examples(_data(hf_evaluator, tmp_path, path, task, 6).reference)]  # fmt: skip
-    pad = pad_id(tv)
+    pad = pad_id(tv.module)
     gamma = (0.4 + 0.2 * torch.rand(2, len(tv.labels), generator=torch.Generator().manual_seed(1))).requires_grad_()
     loss = divergences(tv, gamma, examples, "js", pad).mean()
     (grad,) = torch.autograd.grad(loss, gamma)
@@ -116,7 +116,7 @@ def test_slta_recovers_the_coefficients_of_a_model_exactly_linear_in_them(tiny_z
         examples = read_examples(d.reference)
         for first in range(0, len(examples), 16):
             part = examples[first : first + 16]
-            batch = Batch.of([e.ids for e in part], [len(e.prompt) for e in part], pad_id(tv))
+            batch = Batch.of([e.ids for e in part], [len(e.prompt) for e in part], pad_id(tv.module))
             with torch.no_grad():
                 torch.func.functional_call(tv.module, tv.expert(t), (), {"input_ids": batch.ids,
                                            "attention_mask": batch.mask, "use_cache": False})  # fmt: skip

@@ -15,9 +15,9 @@ from typing import Literal
 import torch
 
 from mergescale.fit.data import read_examples
-from mergescale.fit.divmerge import pad_id, task_batches
+from mergescale.fit.divmerge import task_batches
 from mergescale.fit.method import CoefficientMethod, DataParams, FitInputs, FitResult
-from mergescale.fit.model import Batch, TaskVectors, continuation_logprobs, greedy
+from mergescale.fit.model import Batch, TaskVectors, continuation_logprobs, eos_id, greedy, pad_id
 from mergescale.merge_ops.registry import register
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,7 @@ class AdaMerging(CoefficientMethod):
         tv = TaskVectors(inputs.base, inputs.experts, params.level, inputs.device)
         examples = [read_examples(d.reference) for d in inputs.data]
         cap = max(d.max_tokens for d in inputs.data)
-        eos = int(tv.module.config.eos_token_id if not isinstance(tv.module.config.eos_token_id, list)
-                  else tv.module.config.eos_token_id[0])  # fmt: skip
-        pad = pad_id(tv)
+        eos, pad = eos_id(tv.module), pad_id(tv.module)
         gamma = torch.full((tv.n, len(tv.labels)), params.init, device=tv.device, requires_grad=True)
         opt = torch.optim.Adam([gamma], lr=params.lr)
         steps: list[dict] = []

@@ -20,7 +20,7 @@ from mergescale.errors import MergescaleError
 from mergescale.eval.divergence import js_rows, kl_rows
 from mergescale.fit.data import Example, read_examples
 from mergescale.fit.method import CoefficientMethod, DataParams, FitInputs, FitResult
-from mergescale.fit.model import Batch, TaskVectors, continuation_logprobs
+from mergescale.fit.model import Batch, TaskVectors, continuation_logprobs, pad_id
 from mergescale.merge_ops.registry import register
 
 log = logging.getLogger(__name__)
@@ -47,17 +47,6 @@ def mean_divergence(tv: TaskVectors, gamma: torch.Tensor, examples: list[Example
     total = sum(float(divergences(tv, gamma, examples[i : i + chunk], kind, pad).sum())
                 for i in range(0, len(examples), chunk))  # fmt: skip
     return total / len(examples)
-
-
-def pad_id(tv: TaskVectors) -> int:
-    cfg = tv.module.config
-    for key in ("pad_token_id", "eos_token_id"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def task_batches(examples: list[list[Example]], batch: int, epochs: int, seed: int):
@@ -95,7 +84,7 @@ class DivMerge(CoefficientMethod):
         init = params.init if params.init is not None else 1.0 / tv.n
         gamma = torch.full((tv.n, len(tv.labels)), init, device=tv.device, requires_grad=True)
         opt = torch.optim.Adam([gamma], lr=params.lr)
-        pad = pad_id(tv)
+        pad = pad_id(tv.module)
         everything = [e for ex in examples for e in ex]
         initial = mean_divergence(tv, gamma, everything, params.divergence, pad)
         steps: list[dict] = []

@@ -19,8 +19,6 @@ from mergescale.checkpoints import ModelDir
 from mergescale.errors import MergescaleError
 from mergescale.merge_ops.granularity import locate
 
-LEVELS = ("task", "layer", "tensor")
-
 
 def load_module(path: str, device: str = "cpu"):
     """The transformers module of the model at ``path`` (fp32, eval mode, no parameter gradients)."""
@@ -32,6 +30,29 @@ def load_module(path: str, device: str = "cpu"):
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def _token_id(module, key: str) -> int | None:
+    value = getattr(module.config, key, None)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+def eos_id(module) -> int:
+    value = _token_id(module, "eos_token_id")
+    if value is None:
+        raise MergescaleError(f"{module.config.name_or_path}: no eos_token_id in config.json; greedy decoding needs it")
+    return value
+
+
+def pad_id(module) -> int:
+    """The id right padding uses (padding positions are masked, so any id works): pad, else EOS, else 0."""
+    for key in ("pad_token_id", "eos_token_id"):
+        value = _token_id(module, key)
+        if value is not None:
+            return value
+    return 0
 
 
 def read_tensors(path: str, names: Sequence[str], device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -25,9 +25,8 @@ from torch.func import functional_call
 
 from mergescale.errors import MergescaleError
 from mergescale.fit.data import read_examples
-from mergescale.fit.divmerge import pad_id
 from mergescale.fit.method import CoefficientMethod, DataParams, FitInputs, FitResult
-from mergescale.fit.model import Batch, TaskVectors
+from mergescale.fit.model import Batch, TaskVectors, pad_id
 from mergescale.merge_ops.registry import register
 
 BATCH = 16  # sequences per capture pass
@@ -41,7 +40,7 @@ class Submodule:
     call: Callable  # (captured inputs, parameters by full name) -> output [B, W, hidden]
 
 
-def _sub(module, prefix: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _sub(prefix: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
 
 
@@ -60,24 +59,24 @@ def submodules(tv: TaskVectors, level: str) -> list[Submodule]:
 
             def block(cap, params, layer=layer, p=p):
                 args, kwargs = cap["layer"]
-                return functional_call(layer, _sub(layer, p, params), args, kwargs, strict=False)
+                return functional_call(layer, _sub(p, params), args, kwargs, strict=False)
 
             out.append(Submodule(f"layer {i}", p, (p,), block))
             continue
 
         def attention(cap, params, layer=layer, p=p):
-            normed = functional_call(layer.input_layernorm, _sub(layer, p + "input_layernorm.", params),
+            normed = functional_call(layer.input_layernorm, _sub(p + "input_layernorm.", params),
                                      (cap["layer"][0][0],), strict=False)  # fmt: skip
             _, kwargs = cap["attn"]
-            got = functional_call(layer.self_attn, _sub(layer, p + "self_attn.", params), (),
+            got = functional_call(layer.self_attn, _sub(p + "self_attn.", params), (),
                                   {**kwargs, "hidden_states": normed}, strict=False)  # fmt: skip
             return got[0]
 
         def mlp(cap, params, layer=layer, p=p):
             normed = functional_call(layer.post_attention_layernorm,
-                                     _sub(layer, p + "post_attention_layernorm.", params), (cap["mlp"],),
+                                     _sub(p + "post_attention_layernorm.", params), (cap["mlp"],),
                                      strict=False)  # fmt: skip
-            return functional_call(layer.mlp, _sub(layer, p + "mlp.", params), (normed,), strict=False)
+            return functional_call(layer.mlp, _sub(p + "mlp.", params), (normed,), strict=False)
 
         out.append(Submodule(f"layer {i} attention", p, (p + "input_layernorm.", p + "self_attn."), attention))
         out.append(Submodule(f"layer {i} mlp", p, (p + "post_attention_layernorm.", p + "mlp."), mlp))
@@ -138,7 +137,7 @@ class SLTA(CoefficientMethod):
     def fit(self, inputs: FitInputs, params) -> FitResult:
         tv = TaskVectors(inputs.base, inputs.experts, "task", inputs.device)
         subs = submodules(tv, params.level)
-        pad = pad_id(tv)
+        pad = pad_id(tv.module)
         data = [read_examples(d.reference) for d in inputs.data]
         A = {s.label: torch.zeros(tv.n, tv.n, dtype=torch.float64, device=tv.device) for s in subs}
         b = {s.label: torch.zeros(tv.n, dtype=torch.float64, device=tv.device) for s in subs}
