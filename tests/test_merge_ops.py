@@ -155,7 +155,7 @@ def test_identical_experts_give_the_expert(name):
         params["density"] = 1.0
     ctx = CTX
     if m.data_driven and m.needs_base:  # a coefficient map: fitted coefficients that sum to one
-        ctx = replace(CTX, stats=FitState({CTX.name: [1.0 / n] * n}, None))
+        ctx = replace(CTX, stats=FitState({CTX.name: [1.0 / n] * n}, ()))
     got = run(name, base if m.needs_base else None, [expert.clone() for _ in range(n)], ctx=ctx, **params)
     want = base + n * (expert - base) if name in SUMMING else expert
     assert torch.allclose(got, want, atol=1e-5), name

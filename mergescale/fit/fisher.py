@@ -9,14 +9,11 @@ example touched falls back to the weighted average.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from pydantic import Field
 
-from mergescale.fit.data import read_examples
-from mergescale.fit.method import DataDriven, DataParams, FitInputs, FitResult
-from mergescale.fit.model import Batch, continuation_logprobs, load_module, read_tensors, weight_names
+from mergescale.fit.method import DataParams, StatisticsMethod
+from mergescale.fit.model import Batch, continuation_logprobs
 from mergescale.merge_ops.registry import register
 
 
@@ -37,9 +34,8 @@ def diagonal_fisher(module, params: dict[str, torch.Tensor], examples, pad: int)
 
 
 @register
-class Fisher(DataDriven):
+class Fisher(StatisticsMethod):
     name = "fisher"
-    needs_base = False
     per_expert = frozenset({"weight"})
     default_count = 256
 
@@ -47,21 +43,14 @@ class Fisher(DataDriven):
         weight: float = 1.0
         epsilon: float = Field(1e-6, ge=0.0)
 
-    def fit(self, inputs: FitInputs, params) -> FitResult:
-        module = load_module(inputs.experts[0], inputs.device)
-        names = weight_names(module, inputs.experts[0])
-        pad = module.config.pad_token_id if module.config.pad_token_id is not None else 0
-        out = Path(inputs.workdir)
-        out.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
+    def expert_statistics(self, module, params, examples, pad, hp):
+        return diagonal_fisher(module, params, examples, pad)
 
-        totals = []
-        for i, (path, data) in enumerate(zip(inputs.experts, inputs.data, strict=True)):
-            params_i = read_tensors(path, names, inputs.device)
-            fisher = diagonal_fisher(module, params_i, read_examples(data.reference), pad)
-            save_file({k: v.cpu().contiguous() for k, v in fisher.items()}, str(out / f"expert-{i}.safetensors"))
-            totals.append(float(sum(v.double().sum() for v in fisher.values())))
-        return FitResult(statistics=str(out), summary={"fisher_trace": [round(t, 6) for t in totals]})
+    def digest(self, statistics):
+        return round(float(sum(v.double().sum() for v in statistics.values())), 6)
+
+    def summarize(self, digests, hp):
+        return {"fisher_trace": digests}
 
     def merge(self, base, experts, params, ctx):
         eps = params[0].epsilon

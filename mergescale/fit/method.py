@@ -4,8 +4,10 @@ the coefficient map θ = θ0 + Σ_k c_k(tensor) τ_k."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field
 
 from mergescale.merge_ops.linear import task_arithmetic
@@ -69,7 +71,10 @@ class FitResult:
     seconds: float = 0.0
 
     def state(self) -> FitState:
-        return FitState(self.coefficients, self.statistics)
+        """The map's view of the fit: its coefficients and its statistics files (listed once, here)."""
+        files = Path(self.statistics).glob("expert-*.safetensors") if self.statistics else ()
+        ordered = sorted(files, key=lambda f: int(f.stem.split("-")[1]))
+        return FitState(self.coefficients, tuple(str(f) for f in ordered))
 
     def record(self) -> dict:
         """Everything, JSON-ready (``fit.json`` of the merged model)."""
@@ -82,7 +87,7 @@ class FitState:
     """What the map pass needs from a fit (``TensorContext.stats``): never the step log."""
 
     coefficients: dict[str, list[float]]
-    statistics: str | None
+    statistics: tuple[str, ...]  # the statistics files, one per expert in expert order (empty without)
 
 
 class DataDriven(Method):
@@ -98,6 +103,44 @@ class DataDriven(Method):
 
     def fit(self, inputs: FitInputs, params: MethodParams) -> FitResult:
         raise NotImplementedError
+
+
+class StatisticsMethod(DataDriven):
+    """A method whose fit writes per-expert statistics tensors (RegMean, Fisher): each expert's model runs
+    on its own task's inputs; ``expert_statistics`` returns tensors keyed by tensor name, written to
+    ``expert-<i>.safetensors`` in the work directory, which the map reads back as ``TensorContext.aux``."""
+
+    needs_base = False
+
+    def expert_statistics(self, module, params: dict[str, torch.Tensor], examples: list, pad: int,
+                          hp: MethodParams) -> dict[str, torch.Tensor]:  # fmt: skip
+        raise NotImplementedError
+
+    def digest(self, statistics: dict[str, torch.Tensor]) -> object:
+        """A small account of one expert's statistics (kept; the tensors themselves are not)."""
+        return None
+
+    def summarize(self, digests: list, hp: MethodParams) -> dict:
+        """The experts' digests as the summary that goes to the model card and the store."""
+        return {}
+
+    def fit(self, inputs: FitInputs, params: MethodParams) -> FitResult:
+        from safetensors.torch import save_file
+
+        from mergescale.fit.data import read_examples
+        from mergescale.fit.model import load_module, pad_id, read_tensors, weight_names
+
+        module = load_module(inputs.experts[0], inputs.device)
+        names = weight_names(module, inputs.experts[0])
+        out = Path(inputs.workdir)
+        out.mkdir(parents=True, exist_ok=True)
+        digests = []
+        for i, (path, data) in enumerate(zip(inputs.experts, inputs.data, strict=True)):
+            tensors = read_tensors(path, names, inputs.device)
+            stats = self.expert_statistics(module, tensors, read_examples(data.reference), pad_id(module), params)
+            save_file({k: v.cpu().contiguous() for k, v in stats.items()}, str(out / f"expert-{i}.safetensors"))
+            digests.append(self.digest(stats))
+        return FitResult(statistics=str(out), summary=self.summarize(digests, params))
 
 
 class CoefficientMethod(DataDriven):

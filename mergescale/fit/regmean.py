@@ -10,14 +10,11 @@ Every other tensor (embeddings, norms, biases) is the plain average.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from pydantic import Field
 
-from mergescale.fit.data import read_examples
-from mergescale.fit.method import DataDriven, DataParams, FitInputs, FitResult
-from mergescale.fit.model import Batch, load_module, read_tensors, weight_names
+from mergescale.fit.method import DataParams, StatisticsMethod
+from mergescale.fit.model import Batch
 from mergescale.merge_ops.registry import register
 
 BATCH = 16
@@ -62,33 +59,25 @@ def regmean(weights: list[torch.Tensor], grams: list[torch.Tensor], alpha: float
 
 
 @register
-class RegMean(DataDriven):
+class RegMean(StatisticsMethod):
     name = "regmean"
-    needs_base = False
     default_count = 256
 
     class Params(DataParams):
         alpha: float = Field(0.1, ge=0.0, le=1.0)  # scale of the Gram matrices' off-diagonal entries
         ridge: float = Field(1e-6, ge=0.0)  # relative to the mean diagonal of Σ G̃i
 
-    def fit(self, inputs: FitInputs, params) -> FitResult:
-        module = load_module(inputs.experts[0], inputs.device)
-        names = weight_names(module, inputs.experts[0])
-        pad = module.config.pad_token_id if module.config.pad_token_id is not None else 0
-        out = Path(inputs.workdir)
-        out.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
+    def expert_statistics(self, module, params, examples, pad, hp):
+        device = next(iter(params.values())).device
+        parts = [examples[j : j + BATCH] for j in range(0, len(examples), BATCH)]
+        batches = [Batch.of([e.ids for e in part], [len(e.prompt) for e in part], pad, device) for part in parts]
+        return linear_inputs_gram(module, params, batches)
 
-        layers = 0
-        for i, (path, data) in enumerate(zip(inputs.experts, inputs.data, strict=True)):
-            examples = read_examples(data.reference)
-            batches = [Batch.of([e.ids for e in examples[j : j + BATCH]],
-                                [len(e.prompt) for e in examples[j : j + BATCH]], pad, inputs.device)
-                       for j in range(0, len(examples), BATCH)]  # fmt: skip
-            grams = linear_inputs_gram(module, read_tensors(path, names, inputs.device), batches)
-            save_file({k: v.cpu().contiguous() for k, v in grams.items()}, str(out / f"expert-{i}.safetensors"))
-            layers = len(grams)
-        return FitResult(statistics=str(out), summary={"linear_layers": layers, "alpha": params.alpha})
+    def digest(self, statistics):
+        return len(statistics)
+
+    def summarize(self, digests, hp):
+        return {"linear_layers": digests[-1] if digests else 0, "alpha": hp.alpha}
 
     def merge(self, base, experts, params, ctx):
         if ctx.aux is None or experts[0].dim() != 2:

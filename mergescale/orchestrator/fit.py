@@ -23,9 +23,8 @@ from mergescale.errors import MergescaleError
 from mergescale.fit.data import task_prompts
 from mergescale.fit.method import FIT_THREADS, ExpertData, FitInputs, FitResult
 from mergescale.merge_ops import get_method
-from mergescale.merge_ops.granularity import locate
 from mergescale.orchestrator.cluster import connect, gpus_in_cluster
-from mergescale.orchestrator.merge import MergePlan, params_for
+from mergescale.orchestrator.merge import MergePlan, first_params
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +40,7 @@ def _inputs_dir() -> Path:
 
 def fit_params(plan: MergePlan):
     """The method's parameters (the data and optimiser settings are one value for the whole merge)."""
-    first = plan.shards[0].names[0]
-    return params_for(plan.spec, locate(first, plan.num_layers))[0]
+    return first_params(plan)[0]
 
 
 def prepare(plan: MergePlan, references: References, backend: str, include_paths: Sequence[str | Path] = (),

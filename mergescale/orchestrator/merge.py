@@ -283,18 +283,24 @@ class _TensorInputs:
 
 def _statistics(state, name: str, device: str) -> list[torch.Tensor] | None:
     """A data-driven fit's statistics tensors of ``name``, one per expert (None when the fit has none)."""
-    folder = getattr(state, "statistics", None)
-    if not folder:
+    files = getattr(state, "statistics", ())
+    if not files:
         return None
     from safetensors import safe_open
 
     out = []
-    for file in sorted(Path(folder).glob("expert-*.safetensors"), key=lambda f: int(f.stem.split("-")[1])):
-        with safe_open(str(file), "pt") as f:
+    for file in files:
+        with safe_open(file, "pt") as f:
             if name not in f.keys():
                 return None
             out.append(f.get_tensor(name).to(device))
     return out or None
+
+
+def first_params(plan: MergePlan) -> list[MethodParams]:
+    """The resolved parameters of the plan's first tensor: what whole-merge settings (statistics passes,
+    a fit's data and optimiser) are read from."""
+    return params_for(plan.spec, locate(plan.shards[0].names[0], plan.num_layers))
 
 
 def tensor_stats(plan: MergePlan, models: list[ModelDir], name: str, step: int, state, device: str = "cpu"):

@@ -21,9 +21,8 @@ import torch
 from mergescale.checkpoints import ShardInfo
 from mergescale.errors import MergescaleError
 from mergescale.merge_ops import get_method
-from mergescale.merge_ops.granularity import locate
 from mergescale.orchestrator.cluster import connect, gpus_in_cluster
-from mergescale.orchestrator.merge import MergePlan, merge_shard, params_for, shard_stats
+from mergescale.orchestrator.merge import MergePlan, first_params, merge_shard, shard_stats
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +173,7 @@ def run_shards(
     labels = [s.label for s in plan.shards]
     plan_ref = ray.put(plan)
     method = get_method(plan.spec.method)
-    first = plan.shards[0].names[0]
-    passes = method.stats_passes(params_for(plan.spec, locate(first, plan.num_layers)))
+    passes = method.stats_passes(first_params(plan))
     started = time.perf_counter()
     for step in range(passes):
         state_ref = ray.put(state)

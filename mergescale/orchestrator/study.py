@@ -329,8 +329,9 @@ def _fit_record(model: Path, results: Path, key: str) -> str | None:
     source = model / "fit.json"
     if not source.is_file():
         return None
-    record = json.loads(source.read_text())
-    _write_text(results / store.FITS / f"{key}.json", source.read_text())
+    text = source.read_text()
+    record = json.loads(text)
+    _write_text(results / store.FITS / f"{key}.json", text)
     return json.dumps({k: record[k] for k in ("data", "summary", "seconds")}, sort_keys=True)
 
 
