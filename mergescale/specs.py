@@ -23,13 +23,16 @@ mergekit``, which applies mergekit's defaults instead of the papers' (see ``MERG
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mergescale.errors import MergescaleError
+from mergescale.errors import SpecError
 
 Setting = Any  # scalar | list over layers | {submodule: …} | [{filter, value}] — see merge_ops/granularity.py
 
@@ -59,7 +62,7 @@ class MergeSpec(BaseModel):
 
 
 #: mergekit's own defaults and names, applied to configs imported from mergekit YAML.
-#: Where a default differs from ALGORITHMS.md's paper default, the mergekit value is used.
+#: Where a default differs from the paper's (docs/ALGORITHMS.md#mergekit-yaml), the mergekit value is used.
 MERGEKIT: dict[str, dict[str, Any]] = {
     "linear": {"normalize": True},
     "task_arithmetic": {"normalize": False},
@@ -80,6 +83,13 @@ _MERGEKIT_RENAMES = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise
 _MERGEKIT_IGNORED = {"int8_mask"}  # a memory option of mergekit with no effect on the values
 
 
+_MERGEKIT_KEYS = (
+    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name",
+)  # fmt: skip
+_MERGEKIT_UNSUPPORTED = ("slices", "modules", "tokenizer")  # mergekit keys with no mergescale equivalent
+_MERGEKIT_MODEL_KEYS = ("model", "parameters")
+
+
 def _mergekit_param(key: str, value: Setting) -> tuple[str, Setting]:
     key = _MERGEKIT_RENAMES.get(key, key)
     if key == "rescale" and isinstance(value, bool):
@@ -87,31 +97,40 @@ def _mergekit_param(key: str, value: Setting) -> tuple[str, Setting]:
     return key, value
 
 
-def from_mergekit(raw: dict, source: str) -> MergeSpec:
-    """Translate an unmodified mergekit YAML into a MergeSpec with mergekit semantics."""
-    method = raw.get("merge_method")
+def _is_mergekit(raw: dict) -> bool:
+    return "merge_method" in raw or ("method" not in raw and bool({"models", "base_model"} & raw.keys()))
+
+
+def from_mergekit(raw: dict, source: str, text: str = "") -> MergeSpec:
+    """Translate an unmodified mergekit YAML into a MergeSpec with mergekit semantics (``text``: the YAML,
+    for line numbers in errors)."""
+
+    def fail(loc: tuple, message: str) -> SpecError:
+        return SpecError(f"{_where(source, text, loc)}: {message}")
+
+    unknown = [k for k in raw if k not in _MERGEKIT_KEYS + _MERGEKIT_UNSUPPORTED]
+    if unknown:
+        raise fail((unknown[0],), f"key `{unknown[0]}`: not a mergekit key{_known(_MERGEKIT_KEYS, unknown[0])}")
     if "slices" in raw or "modules" in raw:
-        raise MergescaleError(
-            f"{source}: mergekit `slices:` / `modules:` configs are not supported; "
-            "list whole models under `models:` instead"
+        raise fail(
+            ("slices" if "slices" in raw else "modules",),
+            "mergekit `slices:` / `modules:` configs are not supported; list whole models under `models:` instead",
         )
+    method = raw.get("merge_method")
     if method not in MERGEKIT:
-        raise MergescaleError(
-            f"{source}: merge_method {method!r} is not one mergescale imports from mergekit; "
-            f"supported: {', '.join(MERGEKIT)}"
+        raise fail(
+            ("merge_method",),
+            f"merge_method {method!r} is not one mergescale imports from mergekit; supported: {', '.join(MERGEKIT)}",
         )
     if "tokenizer" in raw:
-        raise MergescaleError(
-            f"{source}: mergekit's `tokenizer:` block (vocabulary merging) is not supported; "
-            "drop it to keep the base's tokenizer"
+        raise fail(
+            ("tokenizer",),
+            "mergekit's `tokenizer:` block (vocabulary merging) is not supported; drop it to keep the base's tokenizer",
         )
-    unknown = set(raw) - {
-        "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name",
-    }  # fmt: skip
-    if unknown:
-        raise MergescaleError(f"{source}: unknown mergekit key(s) {sorted(unknown)}")
 
-    def params(d: dict | None) -> dict:
+    def params(d: Any, loc: tuple) -> dict:
+        if not isinstance(d, dict | None):
+            raise fail(loc, f"key `{'.'.join(map(str, loc))}`: write a mapping of parameter names to values")
         out = {}
         for k, v in (d or {}).items():
             if k in _MERGEKIT_IGNORED:
@@ -121,59 +140,69 @@ def from_mergekit(raw: dict, source: str) -> MergeSpec:
         return out
 
     base = raw.get("base_model")
-    experts = []
-    for entry in raw.get("models") or []:
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise MergescaleError(f"{source}: every entry of `models:` needs a `model:` key")
+    models = raw.get("models") or []
+    if not isinstance(models, list):
+        raise fail(("models",), "key `models`: write a list of `- model: PATH` entries")
+    experts, origin = [], []  # origin: the `models:` index of each expert, for errors
+    for i, entry in enumerate(models):
+        if not isinstance(entry, dict):
+            raise fail(("models", i), f"key `models.{i}`: every entry of `models:` needs a `model:` key")
+        bad = [k for k in entry if k not in _MERGEKIT_MODEL_KEYS]
+        if bad:
+            raise fail(
+                ("models", i, bad[0]),
+                f"key `models.{i}.{bad[0]}`: not a mergekit key{_known(_MERGEKIT_MODEL_KEYS, bad[0])}",
+            )
+        if "model" not in entry:
+            raise fail(("models", i), f"key `models.{i}`: every entry of `models:` needs a `model:` key")
         if base is not None and entry["model"] == base and method != "linear":
             continue  # mergekit lets the base appear among the models; it is the base here
-        experts.append({"model": entry["model"], "parameters": params(entry.get("parameters"))})
+        experts.append(
+            {"model": entry["model"], "parameters": params(entry.get("parameters"), ("models", i, "parameters"))}
+        )
+        origin.append(i)
     dtype = raw.get("out_dtype") or raw.get("dtype")
     tok = raw.get("tokenizer_source")
     if tok not in (None, "base"):
-        raise MergescaleError(f"{source}: tokenizer_source {tok!r} is not supported; use `base` or leave it out")
+        raise fail(("tokenizer_source",), f"tokenizer_source {tok!r} is not supported; use `base` or leave it out")
     if method == "linear":
         base = None  # mergekit's linear averages exactly the listed models, the base among them if listed
+    names = {"method": "merge_method", "base": "base_model", "dtype": "out_dtype" if raw.get("out_dtype") else "dtype"}
+
+    def user_path(path: tuple) -> tuple:  # MergeSpec's keys back to the mergekit YAML's
+        if path[:1] == ("experts",):
+            return ("models", *((origin[path[1]], *path[2:]) if len(path) > 1 and path[1] < len(origin) else ()))
+        return (names.get(path[0], path[0]), *path[1:]) if path else path
+
     return _validate(
         {
             "method": method,
             "base": base,
             "experts": experts,
-            "parameters": {**MERGEKIT[method], **params(raw.get("parameters"))},
+            "parameters": {**MERGEKIT[method], **params(raw.get("parameters"), ("parameters",))},
             "dtype": dtype,
             "semantics": "mergekit",
         },
         source,
+        text,
+        user_path,
     )
 
 
-def _validate(raw: dict, source: str) -> MergeSpec:
+def _validate(raw: dict, source: str, text: str, user_path: Callable[[tuple], tuple] | None = None) -> MergeSpec:
     try:
         return MergeSpec.model_validate(raw)
     except ValidationError as err:
-        e = err.errors()[0]
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        raise MergescaleError(f"{source}: key `{key}`: {e['msg']}") from None
+        raise _spec_error(err, MergeSpec, source, text, user_path) from None
 
 
 def load_merge_spec(path: Path | str) -> MergeSpec:
     """Read a merge config: mergescale's spec or an unmodified mergekit YAML."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise MergescaleError(f"{path}: no such file") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise MergescaleError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(raw, dict):
-        raise MergescaleError(
-            f"{path}: a merge config is a YAML mapping with `method:` (or mergekit's `merge_method:`)"
-        )
-    if "merge_method" in raw:
-        return from_mergekit(raw, str(path))  # paths relative to the working directory, as in mergekit
-    return _relative_to(_validate(raw, str(path)), path.parent)
+    text, raw = _read_yaml(path, "a merge config is a YAML mapping with `method:` (or mergekit's `merge_method:`)")
+    if _is_mergekit(raw):
+        return from_mergekit(raw, str(path), text)  # paths relative to the working directory, as in mergekit
+    return _relative_to(_validate(raw, str(path), text), path.parent)
 
 
 def _relative_to(spec: MergeSpec, root: Path) -> MergeSpec:
@@ -262,6 +291,7 @@ class StudySpec(BaseModel):
         return v
 
 
+# ---------------------------------------------------------------- reading YAML, reporting errors
 def yaml_line(text: str, loc: tuple) -> int | None:
     """The line (1-based) of the YAML node at ``loc`` (keys and list indices) in ``text``, or of its
     deepest existing parent."""
@@ -289,14 +319,79 @@ def _read_yaml(path: Path, what: str) -> tuple[str, dict]:
         text = path.read_text()
         raw = yaml.safe_load(text)
     except FileNotFoundError:
-        raise MergescaleError(f"{path}: no such file") from None
+        raise SpecError(f"{path}: no such file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise MergescaleError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise SpecError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
-        raise MergescaleError(f"{path}: {what}")
+        raise SpecError(f"{path}: {what}")
     return text, raw
+
+
+def _where(source: str, text: str, loc: tuple) -> str:
+    line = yaml_line(text, loc) if text else None
+    return f"{source}:{line}" if line else source
+
+
+def _known(keys: Any, key: Any) -> str:
+    """The hint after an unknown ``key``: the closest of the known ``keys``, then all of them."""
+    keys = list(keys)
+    close = difflib.get_close_matches(str(key), keys, n=1)
+    guess = f" did you mean `{close[0]}`?" if close else ""
+    return f";{guess} known keys: {', '.join(keys)}"
+
+
+def _is_model(tp: Any) -> bool:
+    return get_origin(tp) is None and isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _is_member(tp: Any, tag: Any) -> bool:
+    """Whether ``tag`` (how pydantic names a union member in an error location: ``StudyExpert``,
+    ``dict[str,StudyExpert]``, ``literal['zoo']``, ``int``) names the member type ``tp``."""
+    origin = get_origin(tp) or tp
+    name = getattr(origin, "__name__", None) or getattr(origin, "_name", "")
+    return str(tag).split("[")[0].lower() == str(name).lower()
+
+
+def _locate(model: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """A pydantic error location as the user wrote it (union member names dropped), and the model whose
+    key its last part is (None when that part is a list index or a free mapping key)."""
+    tp: Any = model
+    path: list = []
+    owner = None
+    for part in loc:
+        if get_origin(tp) in (Union, UnionType):
+            members = [a for a in get_args(tp) if a is not type(None)]
+            if len(members) > 1:  # this part names the member pydantic tried
+                tp = next((m for m in members if _is_member(m, part)), None)
+                continue
+            tp = members[0]
+        if part == "[key]":  # the error is in a mapping's key rather than its value
+            continue
+        path.append(part)
+        owner = tp if _is_model(tp) else None
+        if owner is not None:
+            field = owner.model_fields.get(str(part))
+            tp = field.annotation if field else None
+        else:
+            tp = get_args(tp)[-1] if get_origin(tp) in (list, dict) else None
+    return tuple(path), owner
+
+
+def _spec_error(
+    err: ValidationError, model: type[BaseModel], source: str, text: str,
+    user_path: Callable[[tuple], tuple] | None = None,
+) -> SpecError:  # fmt: skip
+    """One line for a validation error: ``FILE:LINE: key `a.b.c`: message``. An unknown key is reported
+    before anything else (a misspelt key also makes the right one missing), with the closest known key."""
+    located = [(e, *_locate(model, tuple(e["loc"]))) for e in err.errors()]
+    # of a union's members, the one that got deepest into the value is the one the user meant
+    e, path, owner = min(located, key=lambda x: (x[0]["type"] != "extra_forbidden", -len(x[1])))
+    hint = _known(owner.model_fields, path[-1]) if e["type"] == "extra_forbidden" and owner else ""
+    path = user_path(path) if user_path else path
+    key = ".".join(str(p) for p in path) or "(top level)"
+    return SpecError(f"{_where(source, text, path)}: key `{key}`: {e['msg']}{hint}")
 
 
 def load_study_spec(path: Path | str) -> StudySpec:
@@ -306,14 +401,4 @@ def load_study_spec(path: Path | str) -> StudySpec:
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as err:
-        e = err.errors()[0]
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p[:1].isupper() or "[" in str(p)))
-        line = yaml_line(text, loc)
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        fields = {
-            (): StudySpec, ("subsets",): SubsetsSpec, ("eval",): EvalSpec, ("resources",): ResourcesSpec,
-        }  # fmt: skip
-        hint = ""
-        if e["type"] == "extra_forbidden" and loc[:-1] in fields:
-            hint = f"; known keys: {', '.join(fields[loc[:-1]].model_fields)}"
-        raise MergescaleError(f"{path}:{line or '?'}: key `{key}`: {e['msg']}{hint}") from None
+        raise _spec_error(err, StudySpec, str(path), text) from None

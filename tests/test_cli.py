@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 # the console script installed beside this interpreter (the venv may not be on PATH)
 MERGESCALE = shutil.which("mergescale", path=str(Path(sys.executable).parent)) or shutil.which("mergescale")
 
@@ -28,7 +30,7 @@ def test_a_bad_study_spec_is_one_line_naming_the_line_and_key(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"mergescale: error: {spec}:6: key `subsets.smaple`: Extra inputs are not permitted; "
-        "known keys: sizes, sample, seed"
+        "did you mean `sample`? known keys: sizes, sample, seed"
     ]
     assert not (tmp_path / "results").exists()
 
@@ -50,7 +52,7 @@ def test_user_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):
     ]
     res = run("--verbose", "zoo", "show", str(tmp_path / "nowhere"))
     assert res.returncode != 0
-    assert "Traceback" in res.stderr and "MergescaleError" in res.stderr
+    assert "Traceback" in res.stderr and "ModelError" in res.stderr
 
 
 def test_bad_arguments_fail_with_usage():
@@ -59,6 +61,7 @@ def test_bad_arguments_fail_with_usage():
     assert "invalid choice: 'huge'" in res.stderr
 
 
+@pytest.mark.zoo
 def test_zoo_build_reuses_the_cache_and_prints_the_score_table(tiny_zoo):
     res = run("zoo", "build", "--quiet")  # the zoo fixture has filled the cache: the command reuses it
     assert res.returncode == 0, res.stderr

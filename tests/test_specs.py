@@ -1,7 +1,7 @@
 import pytest
 
-from mergescale.errors import MergescaleError
-from mergescale.specs import load_merge_spec
+from mergescale.errors import SpecError
+from mergescale.specs import load_merge_spec, load_study_spec
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -43,16 +43,63 @@ dtype: bfloat16
         ("merge_method: sce\nmodels: [{model: a}]\n", "merge_method 'sce' is not one mergescale imports"),
         ("merge_method: ties\nslices: []\n", "`slices:` / `modules:` configs are not supported"),
         ("merge_method: ties\nmodels: [{model: a}]\ntokenizer: {source: union}\n", "`tokenizer:` block"),
-        ("merge_method: ties\nmodels: [{model: a}]\nfoo: 1\n", "unknown mergekit key(s) ['foo']"),
-        ("method: ties\nexperts: [a]\nfoo: 1\n", "key `foo`: Extra inputs are not permitted"),
+        ("merge_method: ties\nmodels: [{model: a}]\nfoo: 1\n", "c.yaml:3: key `foo`: not a mergekit key; known keys:"),
+        ("method: ties\nexperts: [a]\nfoo: 1\n", "c.yaml:3: key `foo`: Extra inputs are not permitted"),
         ("method: ties\nexperts: []\n", "key `experts`"),
         ("method: ties\nexperts: [a\n", "is not valid YAML"),
         ("- just\n- a list\n", "a merge config is a YAML mapping"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, message):
-    with pytest.raises(MergescaleError) as err:
+    with pytest.raises(SpecError) as err:
         load_merge_spec(write(tmp_path, text))
     assert message in str(err.value)
     assert str(tmp_path / "c.yaml") in str(err.value)
     assert "\n" not in str(err.value)
+
+
+STUDY = "name: s\nbase: b\nexperts: zoo\nsubsets: {sizes: [2]}\nmethods: [{method: ties}]\n"
+
+
+@pytest.mark.parametrize(
+    "load, text, line, key, guess",
+    [
+        (load_study_spec, STUDY.replace("subsets:", "subset:"), 4, "subset", "subsets"),
+        (load_study_spec, STUDY.replace("{sizes: [2]}", "\n  size: [2]"), 5, "subsets.size", "sizes"),
+        (load_study_spec, STUDY + "eval:\n  limit: 5\n  held_outt: [x]\n", 8, "eval.held_outt", "held_out"),
+        (load_study_spec, STUDY + "resources:\n  merge_worker: 2\n", 7, "resources.merge_worker", "merge_workers"),
+        (load_study_spec, STUDY.replace("[{method: ties}]", "\n  - method: ties\n  - methd: ties"), 7,
+         "methods.1.methd", "method"),
+        (load_study_spec, STUDY.replace("zoo\n", "\n  a: {model: x, tsk: t}\n"), 4, "experts.a.tsk", "task"),
+        (load_merge_spec, "method: ties\nexperts:\n  - a\n  - modle: b\n", 4, "experts.1.modle", "model"),
+        (load_merge_spec, "method: ties\nexperts: [a]\nparameter: {density: 0.2}\n", 3, "parameter", "parameters"),
+        (load_merge_spec, "merge_method: ties\nbase_modle: b\nmodels: [{model: a}]\n", 2, "base_modle", "base_model"),
+        (load_merge_spec, "merge_methd: ties\nmodels: [{model: a}]\n", 1, "merge_methd", "merge_method"),
+        (load_merge_spec, "merge_method: ties\nbase_model: b\nmodels:\n  - model: b\n  - model: a\n"
+         "    parameter: {weight: 1}\n", 6, "models.1.parameter", "parameters"),
+    ],
+)  # fmt: skip
+def test_a_misspelt_key_is_named_with_the_closest_known_one(tmp_path, load, text, line, key, guess):
+    """Not the "Field required" of the key it was meant to be: the unknown key, its line, a suggestion."""
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as err:
+        load(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line}: key `{key}`: ")
+    assert f"did you mean `{guess}`? known keys: " in message
+    assert "required" not in message and "\n" not in message
+
+
+def test_other_errors_name_the_line_and_the_key_without_union_member_names(tmp_path):
+    path = write(tmp_path, STUDY.replace("{sizes: [2]}", "{sizes: [2], sample: {x: 1}}"))
+    with pytest.raises(SpecError, match=rf"^{path}:4: key `subsets.sample.x`: Input should be a valid integer"):
+        load_study_spec(path)
+    path = write(tmp_path, STUDY.replace("zoo\n", "\n  Math: {task: t}\n"))
+    with pytest.raises(SpecError, match=rf"^{path}:4: key `experts.Math.model`: Field required$"):
+        load_study_spec(path)
+    path = write(tmp_path, "merge_method: ties\nbase_model: b\nmodels:\n  - model: b\n  - model: a\nout_dtype: bf16\n")
+    with pytest.raises(SpecError, match=rf"^{path}:6: key `out_dtype`: Input should be 'float32'"):
+        load_merge_spec(path)
+    path = write(tmp_path, "merge_method: ties\nmodels:\n  - model: a\n    parameters: 3\n")
+    with pytest.raises(SpecError, match=rf"^{path}:4: key `models.0.parameters`: write a mapping"):
+        load_merge_spec(path)

@@ -17,7 +17,8 @@ import yaml
 import mergescale
 from mergescale.errors import MergescaleError
 from mergescale.orchestrator import results as store
-from mergescale.orchestrator.study import StudyModels, expand, reference_units
+from mergescale.orchestrator.jobs import expand, reference_units
+from mergescale.orchestrator.study_models import StudyModels
 from mergescale.specs import StudySpec, load_study_spec
 
 MERGESCALE = Path(sys.executable).parent / "mergescale"
@@ -94,7 +95,9 @@ def test_spec_errors_name_the_file_line_and_key(tmp_path):
     path.write_text(
         "name: s\nbase: b\nexperts:\n  a: {model: x, tsk: t}\nsubsets: {sizes: [2]}\nmethods: [{method: ties}]\n"
     )
-    with pytest.raises(MergescaleError, match=rf"^{path}:4: key `experts.a.tsk`: Extra inputs are not permitted$"):
+    want = (rf"^{path}:4: key `experts.a.tsk`: Extra inputs are not permitted; "
+            r"did you mean `task`\? known keys: model, task$")
+    with pytest.raises(MergescaleError, match=want):
         load_study_spec(path)
     path.write_text("name: s\nbase: b\nexperts: zoo\nsubsets: {sizes: [2]}\nmethods:\n  - method: ties\n    grid: 3\n")
     with pytest.raises(MergescaleError, match=rf"^{path}:7: key `methods.0.grid`: Input should be a valid dictionary"):
@@ -105,7 +108,7 @@ def test_spec_errors_name_the_file_line_and_key(tmp_path):
 
 
 def test_models_that_are_neither_directories_nor_reachable_hub_ids_are_one_line_errors(tmp_path, monkeypatch):
-    from mergescale.orchestrator.study import resolve_models
+    from mergescale.orchestrator.study_models import resolve_models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a cluster without network
     spec = _spec(base="nobody/no-such-model")
@@ -138,6 +141,7 @@ def _write_study(tmp_path: Path, **overrides) -> Path:
     return path
 
 
+@pytest.mark.zoo
 def test_a_bad_method_parameter_fails_before_anything_is_written(tiny_zoo, tmp_path):
     from mergescale.orchestrator.study import run_study
 
@@ -151,7 +155,9 @@ def _key_rows(rows):
     return [(r["job_key"], r["model"], r["task"], r["kind"], r["metric"]) for r in rows]
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
 def test_a_study_runs_merges_and_evaluations_and_its_rows_are_normalized(tiny_zoo, ray_session, tmp_path):
     """In-process run on the session's Ray with ``keep_models``: every job's rows, normalized against the
     reference rows of the store, divergences to its experts, the kept model equal to a direct merge."""
@@ -214,7 +220,9 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
 def test_a_killed_driver_loses_only_jobs_in_flight_and_a_rerun_completes_the_study(tiny_zoo, tmp_path):
     path = _write_study(tmp_path, subsets={"sizes": [1, 2]})  # 3 + 3 subsets x 2 methods = 12 jobs
     res = tmp_path / "res"
@@ -254,7 +262,9 @@ def test_a_killed_driver_loses_only_jobs_in_flight_and_a_rerun_completes_the_stu
     assert "ties" in third.stdout  # the leaderboard is printed from the store
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
 def test_a_study_runs_unchanged_as_the_entrypoint_of_a_ray_job_on_a_two_node_cluster(tiny_zoo, tmp_path):
     """`ray job submit` runs the entrypoint with RAY_ADDRESS set: the command joins the cluster, spreads
     merges and the evaluator over its nodes, and leaves the cluster running."""
