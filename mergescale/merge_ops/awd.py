@@ -1,18 +1,37 @@
 """Adaptive Weight Disentanglement (arXiv 2411.18729): remove a shared redundant vector δ from the
 task vectors before task arithmetic, chosen to make them as orthogonal as possible.
 
-δ (init 0, fp32) minimizes  mean over pairs i≠j of |cos(τi − δ, τj − δ)| + α‖δ‖₂ / mean‖τi‖₂
-(|x| smoothed near 0) with Adam.  The norm penalty is taken relative to the mean task-vector norm
-so that α is scale-free: with the raw ‖δ‖₂ the penalty outweighs the cosine term (≤ 1) as soon as
-the task vectors' norms exceed ~1/α, as they do for any real model, and δ stays at 0.
-The merge is then θ0 + λ Σ wi (τi − δ).  ``scope: global`` (default) fits one δ
-over the whole model: its statistics pass holds every task vector in memory (n × model size), so
-for models that do not fit use ``scope: tensor``, which fits δ per tensor and streams.
+δ minimizes  L(δ) = mean over pairs i<j of |cos(τi − δ, τj − δ)| + α‖δ‖₂ / mean‖τi‖₂
+and the merge is θ0 + λ Σ wi (τi − δ).  How δ is found, and why:
+
+- The cosine term is a mean over pairs, so α weighs the same against it for any number of experts;
+  the norm penalty is relative to the mean task-vector norm, so α is scale-free (with the raw ‖δ‖₂
+  the penalty outweighs the cosine term, which is ≤ 1, as soon as norms exceed ~1/α).
+- δ lies in the span of the task vectors, δ = mean‖τ‖ · Σj cj τj/‖τj‖, and Adam steps the n
+  coefficients c from 0, its step size ``lr`` (in units of mean‖τ‖) decaying linearly to 0 so that it
+  settles on the kinks of |cos| instead of oscillating around them.  The gradient of L lies in
+  span{τ1..τn, δ}, so gradient descent from δ = 0 never leaves the span; a part of δ orthogonal to
+  every τi only adds the same ‖δ⊥‖² to every inner product, pulling every cosine towards +1, and
+  subtracts from the merge a direction no expert moved along.  The earlier fit, Adam on δ's raw
+  coordinates with an absolute lr of 0.01, left the span through its per-coordinate steps (each about
+  twice the RMS of the tiny zoo's task vectors) and entangled them: mean |cos| of upper + rot13 went
+  from 0.097 to 0.869 with ‖δ‖ = 2.05 × mean‖τ‖.
+- Everything is an inner product, so the fit needs only the task vectors' n × n Gram matrix (fp64,
+  one pass over them): a step costs O(n²) whatever the model size, and δ is built once at the end.
+  Inner products are taken in units of mean‖τ‖² (|x| is smoothed as √(x² + 1e-8)), so the fit does
+  not depend on the scale of the task vectors.
+- Adam does not descend monotonically: the fit keeps the iterate with the lowest L and returns δ = 0
+  when no iterate went below L(0).
+``disentangle`` returns δ with the fit's diagnostics (objective, mean |cos| before and after,
+‖δ‖ / mean‖τ‖); ``fit_delta`` returns δ alone.  ``scope: global`` (default) fits one δ over the whole
+model: its statistics pass holds every task vector in memory (n × model size), so for models that do
+not fit use ``scope: tensor``, which fits δ per tensor and streams.
 Defaults (α 0.1, 300 steps, lr 0.01) come from a reimplementation; the paper body was not available.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,59 +39,117 @@ from pydantic import Field
 
 from mergescale.merge_ops.registry import Method, MethodParams, register
 
+#: smoothing of |x| and of the norms, in units of mean‖τ‖²
 SMOOTH = 1e-8
+#: columns of the task vectors per block of the Gram matrix (n × CHUNK fp64 at a time)
+CHUNK = 1 << 20
 
 
-def _abs_cos(gram: torch.Tensor, proj: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
-    """Mean over pairs of the smoothed |cos(τi − δ, τj − δ)| from ⟨τi, τj⟩ (``gram``), ⟨τi, δ⟩ (``proj``)
-    and ⟨δ, δ⟩ (``dd``): ⟨τi − δ, τj − δ⟩ = ⟨τi, τj⟩ − ⟨τi, δ⟩ − ⟨τj, δ⟩ + ⟨δ, δ⟩."""
-    dots = gram - proj[:, None] - proj[None, :] + dd
-    norms = torch.sqrt(dots.diagonal().clamp(min=0) + SMOOTH)
-    i, j = torch.triu_indices(len(gram), len(gram), offset=1)
-    cos = dots[i, j] / (norms[i] * norms[j])
-    return torch.sqrt(cos.square() + SMOOTH).mean()
+@dataclass(frozen=True)
+class Disentanglement:
+    """A fitted redundant vector and what it did (the cosines: means over pairs of |cos|, not smoothed)."""
+
+    delta: torch.Tensor
+    objective_before: float  # L(0)
+    objective_after: float  # L(δ); equal to L(0) when δ = 0
+    cos_before: float  # mean |cos(τi, τj)|
+    cos_after: float  # mean |cos(τi − δ, τj − δ)|
+    delta_ratio: float  # ‖δ‖ / mean‖τi‖
+    best_step: int  # the Adam step whose iterate δ is; 0 when δ = 0
 
 
-def _gram(stacked: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
-    """⟨τi, τj⟩ in fp64, accumulated over column chunks (no fp64 copy of the task vectors)."""
-    gram = torch.zeros(len(stacked), len(stacked), dtype=torch.float64)
-    for start in range(0, stacked.shape[1], chunk):
-        block = stacked[:, start : start + chunk].double()
+def _gram(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """⟨vi, vj⟩ in fp64, accumulated over column blocks (neither a stacked copy nor an fp64 copy)."""
+    gram = torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
+    for start in range(0, vectors[0].numel(), CHUNK):
+        block = torch.stack([v[start : start + CHUNK] for v in vectors]).double()
         gram += block @ block.T
     return gram
 
 
+def _cosines(gram: torch.Tensor, proj: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
+    """cos(τi − δ, τj − δ) over pairs i<j from ⟨τi, τj⟩ (``gram``), ⟨τi, δ⟩ (``proj``) and ⟨δ, δ⟩ (``dd``),
+    all in units of mean‖τ‖²: ⟨τi − δ, τj − δ⟩ = ⟨τi, τj⟩ − ⟨τi, δ⟩ − ⟨τj, δ⟩ + ⟨δ, δ⟩."""
+    dots = gram - proj[:, None] - proj[None, :] + dd
+    norms = torch.sqrt(dots.diagonal().clamp(min=0) + SMOOTH)
+    i, j = torch.triu_indices(len(gram), len(gram), offset=1)
+    return dots[i, j] / (norms[i] * norms[j])
+
+
 def mean_abs_cos(taus: list[torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
-    """Mean over pairs of the smoothed |cos(τi − δ, τj − δ)| of flattened vectors."""
-    stacked = torch.stack(taus)
-    return _abs_cos(_gram(stacked), (stacked @ delta).double(), torch.dot(delta, delta).double()).float()
+    """Mean over pairs of |cos(τi − δ, τj − δ)| of flattened vectors."""
+    gram = _gram([*taus, delta])
+    scale = (gram.diagonal()[:-1].sqrt().mean() ** 2).clamp(min=1e-300)
+    n = len(taus)
+    return _cosines(gram[:n, :n] / scale, gram[:n, n] / scale, gram[n, n] / scale).abs().mean().float()
+
+
+def disentangle(taus: list[torch.Tensor], alpha: float, steps: int, lr: float) -> Disentanglement:
+    """Fit the redundant vector δ of flattened task vectors ``taus`` (all the same length), with diagnostics."""
+    none = Disentanglement(torch.zeros_like(taus[0]), 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+    if len(taus) < 2:
+        return none
+    gram = _gram(taus)
+    norms = gram.diagonal().sqrt()
+    mean_norm = norms.mean()
+    if mean_norm == 0:
+        return none
+    g = gram / mean_norm**2  # ⟨τi, τj⟩ in units of mean‖τ‖²
+    inv = torch.where(norms > 0, mean_norm / norms, torch.zeros_like(norms))  # τj/‖τj‖ = inv_j · τj/mean‖τ‖
+    to_proj = g * inv[None, :]  # ⟨τi, δ⟩ = (to_proj @ c)_i
+    to_dd = inv[:, None] * g * inv[None, :]  # ⟨δ, δ⟩ = cᵀ to_dd c
+
+    def terms(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dd = c @ to_dd @ c
+        return _cosines(g, to_proj @ c, dd), dd
+
+    def objective(c: torch.Tensor) -> torch.Tensor:
+        cos, dd = terms(c)
+        return torch.sqrt(cos.square() + SMOOTH).mean() + alpha * torch.sqrt(dd + SMOOTH)
+
+    c = torch.zeros(len(taus), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([c], lr=lr)
+    losses = []
+    best_c, best_step = c.detach().clone(), 0
+    with torch.enable_grad():
+        for step in range(steps + 1):
+            loss = objective(c)
+            losses.append(loss.item())
+            if losses[-1] < losses[best_step]:
+                best_c, best_step = c.detach().clone(), step
+            if step == steps:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.param_groups[0]["lr"] = lr * (1 - step / steps)
+            opt.step()
+
+    delta = torch.zeros_like(taus[0])
+    if best_step > 0:
+        for tau, k in zip(taus, (best_c * inv).tolist(), strict=True):
+            delta.add_(tau, alpha=k)
+    cos_before, _ = terms(torch.zeros_like(best_c))
+    cos_after, dd = terms(best_c)
+    return Disentanglement(
+        delta=delta,
+        objective_before=losses[0],
+        objective_after=losses[best_step],
+        cos_before=cos_before.abs().mean().item(),
+        cos_after=cos_after.abs().mean().item(),
+        delta_ratio=dd.clamp(min=0).sqrt().item(),
+        best_step=best_step,
+    )
 
 
 def fit_delta(taus: list[torch.Tensor], alpha: float, steps: int, lr: float) -> torch.Tensor:
-    """The redundant vector δ of flattened task vectors ``taus`` (all the same length).
-
-    The n × n Gram matrix of the task vectors is computed once (fp64); a step then costs two
-    matrix-vector products with the stacked task vectors, whatever the number of pairs."""
-    if len(taus) < 2:
-        return torch.zeros_like(taus[0])
-    stacked = torch.stack(taus)
-    gram = _gram(stacked)
-    scale = gram.diagonal().sqrt().mean().clamp(min=1e-12)
-    delta = torch.zeros_like(taus[0], requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr, fused=True)
-    with torch.enable_grad():
-        for _ in range(steps):
-            dd = torch.dot(delta, delta).double()
-            loss = _abs_cos(gram, (stacked @ delta).double(), dd) + alpha * torch.sqrt(dd + SMOOTH) / scale
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return delta.detach()
+    """The redundant vector δ of flattened task vectors ``taus`` (all the same length); see ``disentangle``."""
+    return disentangle(taus, alpha, steps, lr).delta
 
 
 @register
 class AWD(Method):
     name = "awd"
+    whole_merge = frozenset({"alpha", "steps", "lr", "scope"})  # δ is fitted once, over the whole model
 
     class Params(MethodParams):
         weight: float = 1.0
