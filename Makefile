@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,16 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check mergescale tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
+
+# The fast tier: the tests that need no zoo, no Ray and no inference engine (under 3 min on 2 cores;
+# markers in pyproject.toml, checked by tests/conftest.py). `make test` stays the whole suite (CI).
+# Both targets run the static checks first: ruff, then the layers' import contracts (docs/ARCHITECTURE.md).
+test-fast: setup
+	$(BIN)/ruff check mergescale tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/pytest -q -m "not zoo and not ray and not engine"
 
 clean:
 	rm -rf $(VENV)

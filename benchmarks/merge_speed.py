@@ -8,9 +8,11 @@ For each method (task_arithmetic; ties with density 0.2) and each repeat it time
   - `cat` of every input safetensors file to /dev/null (files in the page cache: the floor), and
     the same followed by writing a file of the output's size with `dd` (read + write floor);
   - `mergekit-yaml CONFIG OUT` (a fresh process, its defaults);
-  - `mergescale merge CONFIG --out OUT` (a fresh process that starts its embedded Ray);
+  - `mergescale merge CONFIG --out OUT` (a fresh process: the one-off merge as a user runs it, process
+    start to exit; without a cluster address it merges in-process, one thread per core);
   - mergescale on an already running local Ray (what a study driver or `--address` sees), with
     1 and with 2 workers.
+The one-off output must be byte-identical to the Ray output (checked).
 Peak memory is sampled every 50 ms over the whole process tree (the driver, Ray's daemons and
 workers): the sum of PSS (shared pages split fairly) and of RSS. Medians over the repeats are
 printed as a Markdown table; raw figures go to ROOT/merge_speed.json. TIES' kept set is checked
@@ -153,6 +155,14 @@ def check_ties(out: Path, base: Path, experts: list[Path], names: list[str]) -> 
     return True
 
 
+def same_bytes(a: Path, b: Path) -> bool:
+    """Whether two merged model directories hold byte-identical shards."""
+    files = sorted(p.name for p in a.glob("*.safetensors"))
+    return files == sorted(p.name for p in b.glob("*.safetensors")) and all(
+        (a / f).read_bytes() == (b / f).read_bytes() for f in files
+    )
+
+
 def max_rel_diff(a: Path, b: Path) -> float:
     from mergescale.checkpoints import ModelDir
 
@@ -210,7 +220,7 @@ def main() -> None:
         rows = json.loads(warm.stdout.strip().splitlines()[-1])
         runs["mergescale_warm_1"] = [r for r in rows if r["workers"] == 1]
         runs["mergescale_warm_2"] = [r for r in rows if r["workers"] == 2]
-        checks = {}
+        checks = {"cli_bytes_equal_ray": same_bytes(root / "out_cli", root / "out_warm" / "w2")}
         if not args.skip_mergekit:
             checks["max_rel_diff_vs_mergekit"] = max_rel_diff(root / "out_warm" / "w2", root / "out_mergekit")
         if method == "ties":

@@ -8,7 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from mergescale.errors import MergescaleError
+from mergescale import console
+from mergescale.errors import MergescaleError, SpecError
+
+log = logging.getLogger("mergescale.cli")
 
 
 def _zoo_build(args: argparse.Namespace) -> int:
@@ -17,7 +20,7 @@ def _zoo_build(args: argparse.Namespace) -> int:
 
     zoo = build_zoo(preset_spec(args.preset, seed=args.seed), out=args.out, progress=not args.quiet)
     print_scores(zoo)
-    print(zoo.root)
+    print(zoo.root, file=console.out)
     return 0
 
 
@@ -49,13 +52,12 @@ def _merge(args: argparse.Namespace) -> int:
     if not args.quiet:
         if report.fit is not None:
             data = ", ".join(f"{d['count']} {d['task']}/{d['split']}" for d in report.fit.data)
-            print(f"{spec.method} fit in {report.fit.seconds:.1f} s on {data}", file=sys.stderr)
-        print(
-            f"merged {report.shards} shards in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s read) "
-            f"on {report.workers} worker(s), {report.nodes} node(s)",
-            file=sys.stderr,
-        )
-    print(report.path)
+            print(f"{spec.method} fit in {report.fit.seconds:.1f} s on {data}", file=console.err)
+        where = (f"{report.workers} thread(s) in this process" if report.runner == "local" else
+                 f"{report.workers} Ray worker(s), {report.nodes} node(s)")  # fmt: skip
+        print(f"merged {report.shards} shards in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s read) on {where}",
+              file=console.err)  # fmt: skip
+    print(report.path, file=console.out)
     return 0
 
 
@@ -64,7 +66,7 @@ def _expert_pairs(values: list[str]) -> dict[str, str]:
     for value in values:
         task, sep, path = value.partition("=")
         if not sep or not task or not path:
-            raise MergescaleError(f"--expert {value}: write TASK=MODEL_DIR (the expert trained for that held-in task)")
+            raise SpecError(f"--expert {value}: write TASK=MODEL_DIR (the expert trained for that held-in task)")
         experts[task] = path
     return experts
 
@@ -85,12 +87,12 @@ def _eval(args: argparse.Namespace) -> int:
         known = {PREFIX + t: str(p) for t, p in zoo.experts.items()}
         tasks = tasks or ["zoo"]
     if not tasks:
-        raise MergescaleError("--tasks: name at least one lm-eval task (e.g. --tasks zoo_held_in,zoo_held_out)")
+        raise SpecError("--tasks: name at least one lm-eval task (e.g. --tasks zoo_held_in,zoo_held_out)")
     report = evaluate_models(
         args.models, tasks, base=base, experts=experts, known_experts=known, include_paths=args.include_path,
         limit=args.limit, backend=args.backend, divergences=not args.no_divergence, address=args.address,
         actors=args.actors, threads=args.threads, device=args.device, max_model_len=args.max_model_len,
-        progress=not args.quiet,
+        progress=not args.quiet, trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     print_results(report.rows, [str(Path(m).resolve()) for m in args.models])
     pool = report.pool
@@ -98,10 +100,10 @@ def _eval(args: argparse.Namespace) -> int:
         f"evaluated {report.models} models x {len({r['task'] for r in report.rows if r['kind'] == 'score'})} tasks "
         f"in {report.seconds:.1f} s on {pool.get('actors')} {args.backend} evaluator(s): "
         f"{pool.get('engines_started')} engine start(s), {pool.get('swaps')} hot swap(s)",
-        file=sys.stderr,
+        file=console.err,
     )
     if args.out:
-        print(write_rows(report.rows, args.out, "eval"))
+        print(write_rows(report.rows, args.out, "eval"), file=console.out)
     return 0
 
 
@@ -119,7 +121,7 @@ def _study_run(args: argparse.Namespace) -> int:
         f"study {spec.name}: {run.jobs} jobs, {run.skipped} already done, {run.ran} run now "
         f"({run.references_evaluated} reference models evaluated) in {run.seconds:.1f} s; "
         f"results in {run.results}; report: mergescale study report {run.results} --out DIR",
-        file=sys.stderr,
+        file=console.err,
     )
     return 0
 
@@ -128,7 +130,7 @@ def _study_report(args: argparse.Namespace) -> int:
     from mergescale.orchestrator.report import write_report
 
     for path in write_report(args.results, args.out, metric=args.metric):
-        print(path)
+        print(path, file=console.out)
     return 0
 
 
@@ -137,7 +139,10 @@ def parser() -> argparse.ArgumentParser:
         prog="mergescale",
         description="Merge many fine-tuned experts with many methods and evaluate them, on Ray.",
     )
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging; show tracebacks on errors")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="show every library's output and debug logs live, and tracebacks on errors")
+    p.add_argument("--log", type=Path, metavar="FILE",
+                   help="log file (default: in the run's output directory, or $MERGESCALE_CACHE/logs)")  # fmt: skip
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     zoo = sub.add_parser("zoo", help="build and inspect the synthetic expert zoo")
@@ -191,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (cuda when the cluster has GPUs) | cpu | cuda")
     e.add_argument("--max-model-len", type=int, help="engine context length (default: the model's, at most 4096)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="allow models whose config needs custom code (auto_map); it runs that code")  # fmt: skip
     e.set_defaults(run=_eval)
 
     st = sub.add_parser("study", help="run a study (many expert subsets x many methods, held-in / held-out) and report")
@@ -213,22 +220,53 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def log_file(args: argparse.Namespace) -> Path:
+    """Where a command's log goes: ``--log``, else the run's output directory (a study's results, an
+    evaluation's ``--out``; beside a merge's ``--out``, which must hold the model alone), else the cache."""
+    if args.log:
+        return args.log
+    command = args.command
+    if command == "merge":
+        out = Path(args.out).absolute()
+        return out.with_name(out.name + ".log")
+    if command == "eval" and args.out:
+        return Path(args.out) / "eval.log"
+    if command == "study" and args.study_command == "run":
+        from mergescale.orchestrator.study import results_dir
+        from mergescale.specs import load_study_spec
+
+        with_stamp = console.default_log("study").name
+        return results_dir(load_study_spec(args.spec), args.spec, args.out) / "logs" / with_stamp
+    return console.default_log(command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
     try:
-        return args.run(args)
-    except MergescaleError as err:
-        if args.verbose:
-            raise
+        path = log_file(args)
+    except MergescaleError as err:  # e.g. a study spec that does not parse: nothing has run yet
         print(f"mergescale: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mergescale: interrupted", file=sys.stderr)
-        return 130
+    with console.session(path, verbose=args.verbose):
+        log.info("mergescale %s", " ".join(sys.argv if argv is None else ["mergescale", *argv]))
+        try:
+            code = args.run(args)
+            console.announce_log()
+            return code
+        except MergescaleError as err:
+            log.debug("user error", exc_info=True)  # the traceback: in the log file (and live with --verbose)
+            print(f"mergescale: error: {err}", file=console.err)
+            return 2
+        except KeyboardInterrupt:
+            log.debug("interrupted", exc_info=True)
+            print("mergescale: interrupted", file=console.err)
+            return 130
+        except Exception as err:
+            log.debug("bug", exc_info=True)  # the traceback: in the log file (and live with --verbose)
+            first = f"{err}".splitlines()[0] if f"{err}" else ""
+            print(f"mergescale: bug: {type(err).__name__}: {first} — this is a bug in mergescale, not in your "
+                  f"input; the traceback is in {path}", file=console.err)  # fmt: skip
+            return 1
 
 
 if __name__ == "__main__":

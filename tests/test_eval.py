@@ -97,7 +97,8 @@ def hf(tiny_zoo):
     return Evaluator("hf", threads=2)
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.engine
 def test_lm_eval_through_our_lm_reports_the_direct_scorers_accuracy(tiny_zoo, hf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,7 +117,8 @@ def test_lm_eval_through_our_lm_reports_the_direct_scorers_accuracy(tiny_zoo, hf
     assert results["zoo_upper"].metrics["exact_match"] < 0.5
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.engine
 def test_lm_eval_multiple_choice_runs_on_loglikelihoods(tiny_zoo, hf):
     """A loglikelihood task (lm-eval's multiple_choice, defined inline) through our LM: its accuracy
     is the share of documents whose right answer has the highest log-likelihood, computed by hand."""
@@ -166,7 +168,9 @@ def _lease_call(pool, model, fn):
     return pool.map(lambda lease, m: fn(lease, m), [str(model)])[0]
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
 def test_vllm_and_hf_agree_on_the_zoo(tiny_zoo, pool, hf, tmp_path):
     gen, pairs = _requests()
     model = str(tiny_zoo.experts["upper"])
@@ -191,7 +195,9 @@ def test_vllm_and_hf_agree_on_the_zoo(tiny_zoo, pool, hf, tmp_path):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
 def test_hot_swapped_weights_give_exactly_a_fresh_engines_outputs(tiny_zoo, pool, ray_session):
     from mergescale.orchestrator.eval_pool import EvaluatorPool
 
@@ -224,7 +230,9 @@ def _evaluator_processes(method: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
 def test_an_actor_killed_mid_evaluation_is_replaced_and_no_result_is_lost_or_doubled(tiny_zoo, pool):
     from mergescale.orchestrator.evaluate import evaluate_models
 
@@ -259,7 +267,9 @@ def test_an_actor_killed_mid_evaluation_is_replaced_and_no_result_is_lost_or_dou
     assert key(report.rows) == key(clean.rows)
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
 def test_cli_eval_scores_a_merged_model_against_the_zoo(tiny_zoo, pool, tmp_path):
     """`mergescale eval` end to end: a task-arithmetic merge of two experts, the zoo's base and experts
     as references, raw / normalized / ANP / divergence rows in Parquet."""
@@ -290,7 +300,8 @@ def test_cli_eval_scores_a_merged_model_against_the_zoo(tiny_zoo, pool, tmp_path
     assert len(experts) == 4  # merged, base and the two held-in experts, each scored once
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.engine
 def test_a_users_task_yaml_runs_through_include_path(tiny_zoo, hf, tmp_path):
     """A task the user writes (here: the zoo's copy task under another name, few-shot) is found by
     --include-path and scored like any other."""

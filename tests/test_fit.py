@@ -45,6 +45,8 @@ def _experts(zoo) -> list[Path]:
     return [zoo.experts[t] for t in TASKS]
 
 
+@pytest.mark.zoo
+@pytest.mark.engine
 def test_the_divergence_is_zero_when_the_merge_is_the_expert(tiny_zoo, hf_evaluator, tmp_path):
     experts = _experts(tiny_zoo)
     tv = TaskVectors(str(tiny_zoo.base), [str(e) for e in experts], "layer")
@@ -60,6 +62,8 @@ def test_the_divergence_is_zero_when_the_merge_is_the_expert(tiny_zoo, hf_evalua
         assert float(different.mean()) > 1e-3, kind  # the loss does see a different model
 
 
+@pytest.mark.zoo
+@pytest.mark.engine
 def test_the_js_gradient_matches_finite_differences(tiny_zoo, hf_evaluator, tmp_path):
     experts = _experts(tiny_zoo)
     tv = TaskVectors(str(tiny_zoo.base), [str(e) for e in experts], "layer")
@@ -97,6 +101,8 @@ def _linear_experts(zoo, tmp: Path) -> list[Path]:
     return out
 
 
+@pytest.mark.zoo
+@pytest.mark.engine
 def test_slta_recovers_the_coefficients_of_a_model_exactly_linear_in_them(tiny_zoo, hf_evaluator, tmp_path):
     experts = _linear_experts(tiny_zoo, tmp_path)
     data = [_data(hf_evaluator, tmp_path, e, t, 8) for e, t in zip(experts, TASKS, strict=True)]
@@ -163,6 +169,9 @@ def test_regmean_of_one_linear_layer_is_the_closed_form():
     assert torch.allclose(exact, lstsq, atol=1e-8)
 
 
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
 def test_regmean_merges_the_zoo_with_grams_of_the_experts_inputs(tiny_zoo, ray_session, hf_evaluator, tmp_path):
     """End to end (Ray fit task, references decoded by an evaluator actor): a merged linear layer equals
     the closed form from Gram matrices computed here, independently, from the same documents."""
@@ -209,6 +218,8 @@ def test_regmean_merges_the_zoo_with_grams_of_the_experts_inputs(tiny_zoo, ray_s
     assert torch.allclose(merged["model.layers.1.input_layernorm.weight"], (norms[0] + norms[1]) / 2)
 
 
+@pytest.mark.zoo
+@pytest.mark.engine
 def test_a_fit_is_reproducible_for_a_seed(tiny_zoo, hf_evaluator, tmp_path):
     experts = _experts(tiny_zoo)
 
@@ -224,8 +235,9 @@ def test_a_fit_is_reproducible_for_a_seed(tiny_zoo, hf_evaluator, tmp_path):
     assert other.log != first.log  # another seed draws other documents in another order
 
 
+@pytest.mark.zoo
 def test_data_driven_specs_fail_early_with_the_key_and_the_fix(tiny_zoo):
-    from mergescale.orchestrator.merge import plan_merge
+    from mergescale.orchestrator.plan import plan_merge
 
     experts = _experts(tiny_zoo)
     spec = MergeSpec.model_validate({"method": "divmerge", "base": str(tiny_zoo.base),
@@ -240,6 +252,9 @@ def test_data_driven_specs_fail_early_with_the_key_and_the_fix(tiny_zoo):
         plan_merge(spec)
 
 
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
 def test_divmerge_from_the_cli_with_vllm_references_records_every_step(tiny_zoo, tmp_path):
     raw = {"method": "divmerge", "base": str(tiny_zoo.base), "seed": 3,
            "experts": [{"model": str(e), "task": f"zoo_{t}"} for e, t in zip(_experts(tiny_zoo), TASKS, strict=True)],
@@ -262,6 +277,9 @@ def test_divmerge_from_the_cli_with_vllm_references_records_every_step(tiny_zoo,
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
 
 
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
 def test_every_data_driven_method_runs_inside_a_study_and_records_its_data_and_coefficients(
     tiny_zoo, ray_session, tmp_path
 ):

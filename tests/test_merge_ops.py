@@ -6,10 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-import mergescale.fit  # noqa: F401  (registers the data-driven methods: every method is parametrized below)
+from mergescale.errors import SpecError
 from mergescale.fit.method import FitState
-from mergescale.merge_ops import METHODS, TensorContext, get_method
+from mergescale.merge_ops import METHODS, TensorContext
 from mergescale.merge_ops import sparsify as sp
+from mergescale.methods import get_method  # registers the data-driven methods too: all are parametrized below
 
 CTX = TensorContext("model.layers.0.mlp.up_proj.weight", seed=0)
 
@@ -152,7 +153,9 @@ def test_identical_experts_give_the_expert(name):
     n = m.n_experts or 3
     params = {"t": 1.0} if name == "slerp" else {}
     if "density" in m.Params.model_fields:
-        params["density"] = 1.0
+        params["density"] = 1.0  # keep every entry (DELLA: with probability exactly 1)
+        if "epsilon" in m.Params.model_fields:
+            params["epsilon"] = 0.0
     ctx = CTX
     if m.data_driven and m.needs_base:  # a coefficient map: fitted coefficients that sum to one
         ctx = replace(CTX, stats=FitState({CTX.name: [1.0 / n] * n}, ()))
@@ -166,7 +169,9 @@ def test_one_expert_with_weight_one_gives_the_expert(name):
     g = torch.Generator().manual_seed(1)
     base = torch.randn(32, generator=g)
     expert = base + torch.randn(32, generator=g)
-    params = {"density": 1.0} if "density" in get_method(name).Params.model_fields else {}
+    fields = get_method(name).Params.model_fields
+    params = {"density": 1.0} if "density" in fields else {}
+    params |= {"epsilon": 0.0} if "epsilon" in fields else {}  # DELLA keeps every entry with probability 1
     assert torch.allclose(run(name, base, [expert], **params), expert, atol=1e-6)
 
 
@@ -198,11 +203,23 @@ def test_spectral_methods_on_diagonal_task_matrices():
     # vectors (norms, biases) take the mean task vector
     v = torch.tensor([1.0, 3.0])
     assert torch.allclose(run("iso_c", torch.zeros(2), [v, -v]), torch.zeros(2))
-    # TSV's merged bases are orthonormal even when the tasks share directions
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (8, 6), (6, 8)])
+def test_spectral_bases_are_orthonormal_when_the_tasks_share_directions(shape):
+    """TSV merges U⊥ diag(s) V⊥ᵀ: s = each task's top 1/n singular values, U⊥ and V⊥ the orthogonalized
+    concatenations of their singular vectors. Its singular values are exactly s iff U⊥ and V⊥ are
+    orthonormal. Iso-CTS merges c · U⊥ V⊥ᵀ: its spectrum is flat iff its joined bases are orthonormal."""
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(6, 6, generator=g), torch.randn(6, 6, generator=g)
-    m = run("tsv", torch.zeros(6, 6), [a, a + 0.1 * b])
-    assert torch.isfinite(m).all()
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    tasks = [a, a + 0.1 * b]  # nearly the same singular vectors: the concatenated bases are far from orthogonal
+    k = min(shape) // 2
+    kept = torch.cat([torch.linalg.svdvals(t)[:k] for t in tasks]).sort(descending=True).values
+    tsv = torch.linalg.svdvals(run("tsv", torch.zeros(shape), tasks))
+    assert torch.allclose(tsv, kept, rtol=1e-5, atol=1e-5), (tsv, kept)
+    # Iso-CTS, common 0.5 of rank 6: 3 common directions and 1 per task, 5 equal singular values
+    iso = torch.linalg.svdvals(run("iso_cts", torch.zeros(shape), tasks, common=0.5))
+    assert torch.allclose(iso[:5], iso[:5].mean().expand(5), rtol=1e-5) and iso[5] < 1e-5, iso
 
 
 def test_transfer_adds_the_source_fine_tuning_difference():
@@ -263,7 +280,5 @@ def test_awd_lowers_the_mean_absolute_cosine():
 
 
 def test_unknown_method_is_a_user_error():
-    from mergescale.errors import MergescaleError
-
-    with pytest.raises(MergescaleError, match="unknown merge method 'tie'"):
+    with pytest.raises(SpecError, match="unknown merge method 'tie'; known: .*ties"):
         get_method("tie")

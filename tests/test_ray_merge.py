@@ -15,14 +15,16 @@ import torch
 import yaml
 
 from mergescale.errors import MergescaleError
-from mergescale.merge_ops import get_method
 from mergescale.merge_ops.granularity import locate
+from mergescale.methods import get_method
 from mergescale.orchestrator import ray_merge
-from mergescale.orchestrator.merge import merge_shard, params_for, plan_merge, run_merge, shard_stats
+from mergescale.orchestrator.merge import run_merge
+from mergescale.orchestrator.plan import params_for, plan_merge
+from mergescale.orchestrator.shard import TASK_THREADS, merge_shard, shard_stats
 from mergescale.specs import MergeSpec
 from mergescale.zoo.synthetic import write_family
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 
 SMALL = {
     "vocab_size": 16384, "hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1536,
@@ -51,7 +53,7 @@ def single_process(spec: MergeSpec, out: Path) -> dict[str, bytes]:
     """The reference: every statistics pass and shard merged one after the other in this process,
     each tensor whole (the default block size exceeds every zoo tensor), with the tasks' threads."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(ray_merge.TASK_THREADS)
+    torch.set_num_threads(TASK_THREADS)
     try:
         return _single_process(spec, out)
     finally:
@@ -87,6 +89,7 @@ CASES = {
 }
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sharded_ray_merge_equals_the_single_process_merge(case, tiny_zoo, tmp_path):
     method = case.removesuffix("_global")
@@ -109,6 +112,19 @@ def test_bytes_do_not_depend_on_workers_or_blocks(method, family, tmp_path):
     card = (tmp_path / "two" / "README.md").read_text()
     for shard in ray_merge_shards(tmp_path / "two"):
         assert shard in card  # the model card lists every shard's sha256
+
+
+@pytest.mark.parametrize("case", ["task_arithmetic", "ties", "ties_global", "dare_ties", "metagpt", "awd"])
+def test_the_in_process_runner_writes_the_bytes_of_the_ray_runner(case, family, tmp_path):
+    """A one-off merge without a cluster runs the same shard function in threads of this process."""
+    base, experts = family
+    params = {"task_arithmetic": {}, "awd": {"steps": 5}, "metagpt": {}}.get(case, {"density": 0.4})
+    spec = spec_of(case.removesuffix("_global"), base, experts, **params, **({"scope": "global"} if
+                                                                             case.endswith("_global") else {}))
+    local = run_merge(spec, tmp_path / "local", progress=False, local=True, workers=2, block_elements=1 << 16)
+    on_ray = run_merge(spec, tmp_path / "ray", progress=False, local=False, workers=2)
+    assert (local.runner, on_ray.runner) == ("local", "ray")
+    assert files(tmp_path / "local") == files(tmp_path / "ray")
 
 
 def ray_merge_shards(model: Path) -> list[str]:
@@ -254,6 +270,7 @@ def test_bf16_experts_read_as_stored_give_the_bytes_of_upcasting_first(method, t
     assert files(tmp_path / "ray") == single_process(spec, tmp_path / "upcast")
 
 
+@pytest.mark.zoo
 def test_device_and_workers_are_checked_against_the_cluster(tiny_zoo, tmp_path):
     spec = spec_of("task_arithmetic", tiny_zoo.base, [tiny_zoo.experts["upper"]])
     with pytest.raises(MergescaleError, match="--device cuda: the Ray cluster has no GPUs"):

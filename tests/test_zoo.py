@@ -20,6 +20,7 @@ def micro(seed: int):
     )
 
 
+@pytest.mark.zoo  # builds micro zoos (the real build path)
 def test_build_is_deterministic_reused_and_atomic(tmp_path):
     a = build_zoo(micro(3), out=tmp_path / "a", progress=False)
     b = build_zoo(micro(3), out=tmp_path / "b", progress=False)
@@ -48,7 +49,7 @@ def test_unknown_preset_is_a_user_error():
         preset_spec("huge")
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
 def test_zoo_layout_is_hugging_face(tiny_zoo):
     meta = json.loads((tiny_zoo.root / "zoo.json").read_text())
     assert meta["tasks"]["held_in"] == [t.name for t in HELD_IN]
@@ -61,7 +62,7 @@ def test_zoo_layout_is_hugging_face(tiny_zoo):
         assert set(meta["scores"]["test"][name]) == {t.name for t in HELD_IN + HELD_OUT}
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
 def test_recorded_scores_reproduce_from_disk(tiny_zoo):
     path = tiny_zoo.experts["atbash"]
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -73,7 +74,7 @@ def test_recorded_scores_reproduce_from_disk(tiny_zoo):
         assert s.char_acc == pytest.approx(tiny_zoo.scores("atbash")[task]["char_acc"])
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
 def test_quality_bars(tiny_zoo):
     q = measure_quality(tiny_zoo)
     assert min(q.expert.values()) >= EXPERT_MIN, q.expert
@@ -97,7 +98,8 @@ VLLM_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.engine
 def test_vllm_serves_a_zoo_expert_unchanged(tiny_zoo, tmp_path):
     path = tiny_zoo.experts["upshift"]
     prompts = [p for task in ("upshift", "copy") for p, _ in get_task(task).examples("test", 16)]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from mergescale.checkpoints import TOKENIZER_FILES
-from mergescale.errors import MergescaleError
+from mergescale.errors import MergescaleError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def model_signature(path: str | Path) -> str:
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
-        raise MergescaleError(f"{path}: no config.json; evaluate a Hugging Face model directory") from None
+        raise ModelError(f"{path}: no config.json; evaluate a Hugging Face model directory") from None
     h = hashlib.sha256(
         json.dumps({k: v for k, v in config.items() if k not in _NOT_SIGNATURE}, sort_keys=True).encode()
     )
@@ -71,7 +71,7 @@ def weights_fingerprint(path: str | Path) -> tuple:
     path = Path(path)
     files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.safetensors.index.json"))
     if not files:
-        raise MergescaleError(f"{path}: no *.safetensors weights; evaluate a Hugging Face model directory")
+        raise ModelError(f"{path}: no *.safetensors weights; evaluate a Hugging Face model directory")
     return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
@@ -91,8 +91,10 @@ class Backend(ABC):
 
     name: str = ""
 
-    def __init__(self, device: str = "cpu", threads: int | None = None, max_model_len: int | None = None):
+    def __init__(self, device: str = "cpu", threads: int | None = None, max_model_len: int | None = None,
+                 trust_remote_code: bool = False):  # fmt: skip
         self.device = device
+        self.trust_remote_code = trust_remote_code  # a model's own code (config ``auto_map``) may run
         self.threads = threads
         self.max_model_len_override = max_model_len
         self.path: str | None = None
@@ -109,7 +111,10 @@ class Backend(ABC):
         """Make ``path`` the loaded model: ``"kept"`` (already loaded), ``"swapped"`` (weights replaced
         in place) or ``"started"`` (first model).  Raises :class:`IncompatibleModel` when the model
         needs a new engine."""
+        from mergescale.eval.architecture import check_architecture
+
         path = str(Path(path).resolve())
+        check_architecture(path, self.trust_remote_code)  # before any engine code reads the config
         signature, fingerprint = model_signature(path), weights_fingerprint(path)
         if self.path == path and self.fingerprint == fingerprint:
             return "kept"
@@ -117,7 +122,7 @@ class Backend(ABC):
         if self.signature is None:
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
             config = json.loads((Path(path) / "config.json").read_text())
             self.max_model_len = self.max_model_len_override or min(config.get("max_position_embeddings", 2048), 4096)
             self._start(path)
@@ -234,16 +239,3 @@ class Backend(ABC):
     def info(self) -> dict:
         return {"backend": self.name, "path": self.path, "starts": self.starts, "swaps": self.swaps,
                 "load_seconds": self.load_seconds}  # fmt: skip
-
-
-def make_backend(name: str, **kwargs) -> Backend:
-    """The backend called ``name`` ("vllm" or "hf")."""
-    if name == "vllm":
-        from mergescale.eval.vllm_backend import VLLMBackend
-
-        return VLLMBackend(**kwargs)
-    if name == "hf":
-        from mergescale.eval.hf_backend import HFBackend
-
-        return HFBackend(**kwargs)
-    raise MergescaleError(f"unknown backend {name!r}; use --backend vllm or --backend hf")

@@ -1,4 +1,4 @@
-"""Divergences between next-token distributions (ALGORITHMS.md, "Evaluation quantities", DivMerge).
+"""Divergences between next-token distributions (``docs/ALGORITHMS.md#js-and-kl-divergences``).
 
 Inputs are log-probabilities over the full vocabulary, one row per position; everything is fp32,
 probabilities are clipped at 1e-12.  Written with differentiable torch operations: data-driven

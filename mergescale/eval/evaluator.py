@@ -11,21 +11,23 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from mergescale.eval.backend import Backend, GenerateRequest, make_backend
+from mergescale import files
+from mergescale.eval.backend import Backend, GenerateRequest
 from mergescale.eval.divergence import example_divergences
+from mergescale.eval.engines import make_backend
 
 
 class Evaluator:
     def __init__(self, backend: str = "vllm", device: str = "cpu", threads: int | None = None,
-                 max_model_len: int | None = None):  # fmt: skip
+                 max_model_len: int | None = None, trust_remote_code: bool = False):  # fmt: skip
         if threads:
             os.environ["OMP_NUM_THREADS"] = str(threads)
             torch.set_num_threads(threads)
-        self.backend: Backend = make_backend(backend, device=device, threads=threads, max_model_len=max_model_len)
+        self.backend: Backend = make_backend(backend, device=device, threads=threads, max_model_len=max_model_len,
+                                             trust_remote_code=trust_remote_code)  # fmt: skip
         self.busy_seconds = 0.0
 
     def load(self, model: str) -> str:
@@ -63,10 +65,8 @@ class Evaluator:
             "continuation_lengths": torch.tensor([len(c) for c in conts], dtype=torch.int64),
             "logprobs": torch.cat(dists).contiguous(),
         }
-        tmp = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}")
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={"model": str(model), "signature": b.signature or ""})
-        os.replace(tmp, out)
+        with files.atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata={"model": str(model), "signature": b.signature or ""})
         self.busy_seconds += time.perf_counter() - started
         return out
 

@@ -31,7 +31,9 @@ class HFBackend(Backend):
         if self.threads:
             torch.set_num_threads(self.threads)
         dtype = getattr(torch, engine_dtype(path))
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=self.trust_remote_code
+        ).to(self.device).eval()
         self.vocab_size = self.model.config.vocab_size
 
     def _swap(self, path: str) -> None:

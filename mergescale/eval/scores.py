@@ -1,5 +1,5 @@
 """Evaluation results as rows: raw metrics, normalized scores, average normalized performance and
-divergences (ALGORITHMS.md, "Evaluation quantities").  Pure functions on plain dicts; ``SCHEMA`` is
+divergences (``docs/ALGORITHMS.md#evaluation-quantities``).  Pure functions on plain dicts; ``SCHEMA`` is
 the pyarrow schema of the rows, so any list of them can become a Parquet file.
 
 Row kinds:

@@ -47,6 +47,7 @@ class VLLMBackend(Backend):
             enforce_eager=self.device == "cpu",
             seed=0,
             max_logprobs=-1,
+            trust_remote_code=self.trust_remote_code,
             gpu_memory_utilization=CPU_MEMORY_FRACTION if self.device == "cpu" else GPU_MEMORY_FRACTION,
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()

@@ -1,4 +1,4 @@
-"""Data-driven merge methods (ALGORITHMS.md, "Data-driven"): a *fit* step, then the ordinary map.
+"""Data-driven merge methods (``docs/ALGORITHMS.md#data-driven-methods``): a *fit* step, then the ordinary map.
 
 A data-driven method is one file here: its parameters, its ``fit`` (forward passes — and, for
 DivMerge and AdaMerging, gradients with respect to the merge coefficients — of torch models on

@@ -1,4 +1,4 @@
-"""AdaMerging (arXiv 2310.02575) for language models (ALGORITHMS.md, "adamerging").
+"""AdaMerging (arXiv 2310.02575) for language models (``docs/ALGORITHMS.md#adamerging``).
 
 Coefficients (task-wise, per transformer block, or per tensor — the paper's "layer-wise") minimise the
 mean token-level entropy of the merged model's next-token distributions along its *own* greedy

@@ -1,5 +1,5 @@
 """DivMerge (arXiv 2509.02108): coefficients that minimise the divergence of the merged model from each
-expert on that expert's task (ALGORITHMS.md, "divmerge").
+expert on that expert's task (``docs/ALGORITHMS.md#divmerge``).
 
 For an input of task t with expert t's greedy continuation and next-token distributions p along it
 (precomputed once by an evaluator and cached), the loss is the mean over continuation positions of

@@ -1,5 +1,5 @@
 """Fisher merging (arXiv 2111.09832): a weighted average by diagonal Fisher information
-(ALGORITHMS.md, "fisher").
+(``docs/ALGORITHMS.md#fisher``).
 
 Fit: for expert i on its inputs, Fi = the mean over examples of the squared gradient of the expert's
 log-likelihood of its own greedy continuation (one backward pass per example), written to

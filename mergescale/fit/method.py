@@ -101,6 +101,10 @@ class DataDriven(Method):
     def count(self, params: MethodParams) -> int:
         return params.count or self.default_count
 
+    def whole_merge_keys(self, parameters=None) -> frozenset[str]:
+        """Every parameter but the per-expert ones: the data and the optimiser are set once per merge."""
+        return frozenset(f.alias or n for n, f in self.Params.model_fields.items()) - self.per_expert
+
     def fit(self, inputs: FitInputs, params: MethodParams) -> FitResult:
         raise NotImplementedError
 

@@ -1,5 +1,5 @@
 """RegMean (arXiv 2212.09849): each linear layer merged in closed form from its inputs' Gram matrices
-(ALGORITHMS.md, "regmean").
+(``docs/ALGORITHMS.md#regmean``).
 
 Fit: for every linear layer, Gi = Xiᵀ Xi / N over the real tokens its input takes in expert i on
 expert i's inputs (prompt + the expert's greedy continuation), accumulated in fp64 and written to

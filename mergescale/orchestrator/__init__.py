@@ -1,4 +1,6 @@
-"""Planning and running work on Ray: sharded merges, studies, Tune search, results store, reports.
+"""Planning and running work: merges (in-process or as Ray tasks), data-driven fits, evaluations on the
+evaluator pool, studies, the results store and reports.
 
-The only package that may call ``ray.remote``, ``ray.get`` or ``tune.Tuner``.
+The only package that may call Ray (``ray.remote``, ``ray.get``; Tune when a search exists).  Its
+modules and what each does: ``docs/ARCHITECTURE.md``.
 """

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import ray
 
-from mergescale.errors import MergescaleError
+from mergescale.errors import ClusterError, MergescaleError, SpecError
 from mergescale.eval.backend import model_signature
 from mergescale.eval.evaluator import Evaluator
-from mergescale.orchestrator.cluster import gpus_in_cluster
+from mergescale.orchestrator.cluster import gpus_in_cluster, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Lease:
             return ray.get(getattr(self.slot.actor, method).remote(*args))
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, MergescaleError):
-                raise MergescaleError(str(err.cause)) from None
+                raise err.cause from None  # a user error, as the actor raised it
             raise
         except ray.exceptions.RayActorError as err:
             self.pool._lost(self.slot)
@@ -83,13 +83,10 @@ class Lease:
 
 class EvaluatorPool:
     def __init__(self, backend: str = "vllm", actors: int | None = None, threads: int | None = None,
-                 device: str = "auto", max_model_len: int | None = None):  # fmt: skip
+                 device: str = "auto", max_model_len: int | None = None,
+                 trust_remote_code: bool = False):  # fmt: skip
         gpus = gpus_in_cluster()
-        if device not in ("auto", "cpu", "cuda"):
-            raise MergescaleError(f"--device {device}: use auto, cpu or cuda")
-        if device == "cuda" and not gpus:
-            raise MergescaleError("--device cuda: the Ray cluster has no GPUs; use --device cpu")
-        self.device = "cuda" if device == "cuda" or (device == "auto" and gpus) else "cpu"
+        self.device = resolve_device(device, gpus)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         if self.device == "cuda":
             self.threads = threads or 1
@@ -100,14 +97,14 @@ class EvaluatorPool:
             self.size = actors or max(1, cpus // self.threads)
             options = {"num_cpus": self.threads}
         if self.size < 1 or self.threads < 1:
-            raise MergescaleError("--actors and --threads must be at least 1")
+            raise SpecError("--actors and --threads must be at least 1")
         self.backend = backend
         self._actor_class = ray.remote(Evaluator).options(
             **options, max_restarts=0, scheduling_strategy="SPREAD",
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.threads), "TQDM_DISABLE": "1",
                                       "VLLM_LOGGING_LEVEL": "WARNING"}},
         )  # fmt: skip
-        self._args = (backend, self.device, self.threads, max_model_len)
+        self._args = (backend, self.device, self.threads, max_model_len, trust_remote_code)
         self._slots = [_Slot(i) for i in range(self.size)]
         self._idle = list(self._slots)
         self._cond = threading.Condition()
@@ -153,7 +150,7 @@ class EvaluatorPool:
                     return fn(lease, model)
             except ActorLost as err:
                 log.warning("evaluator died while evaluating %s (%s); re-queued, attempt %d", model, err, attempt + 1)
-        raise MergescaleError(
+        raise ClusterError(
             f"{model}: its evaluator died {ATTEMPTS} times; out of memory? use fewer --actors or a smaller "
             "--max-model-len"
         )
@@ -186,9 +183,6 @@ class EvaluatorPool:
         return {"actors": self.size, "threads": self.threads, "device": self.device,
                 "engines_started": sum(s.started for s in self._slots), "swaps": swaps,
                 "actors_lost": sum(s.lost for s in self._slots)}  # fmt: skip
-
-    def actors(self) -> list:
-        return [s.actor for s in self._slots if s.actor is not None]
 
     def shutdown(self) -> None:
         for slot in self._slots:

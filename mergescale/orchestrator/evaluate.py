@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import queue
 import time
 from collections.abc import Mapping, Sequence
@@ -23,8 +22,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 import mergescale
+from mergescale import console, files
+from mergescale.cache import cache_root
 from mergescale.checkpoints import weights_sha256
-from mergescale.errors import MergescaleError
+from mergescale.errors import MergescaleError, ModelError
 from mergescale.eval import scores
 from mergescale.eval.harness import generation_prompts, leaf_tasks, load_tasks, run_tasks, subset
 from mergescale.eval.lm import MergescaleLM
@@ -43,17 +44,20 @@ class EvalReport:
 
 
 def _references_dir() -> Path:
-    from mergescale.zoo.build import cache_root
-
     return cache_root() / "eval-references"
 
 
-def _check_models(paths: Sequence[str | Path]) -> list[str]:
+def _check_models(paths: Sequence[str | Path], trust_remote_code: bool = False) -> list[str]:
+    """Absolute paths of model directories whose architecture an engine can load (checked before any
+    engine starts: a model that needs custom code is refused unless ``trust_remote_code``)."""
+    from mergescale.eval.architecture import check_architecture
+
     out = []
     for p in paths:
         path = Path(p)
         if not (path / "config.json").is_file():
-            raise MergescaleError(f"{path}: not a Hugging Face model directory (no config.json)")
+            raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
+        check_architecture(path, trust_remote_code)
         out.append(str(path.resolve()))
     return out
 
@@ -167,12 +171,13 @@ def evaluate_models(
     max_model_len: int | None = None,
     pool: EvaluatorPool | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> EvalReport:
     """Score ``models`` (and the references: ``base``, ``experts`` = {held-in task: expert dir}) on
     ``tasks`` with lm-eval through the evaluator pool.  ``known_experts`` (a zoo's, say) are used
     for the held-in tasks among ``tasks`` and ignored for the others."""
     started = time.perf_counter()
-    models = _check_models(models)
+    models = _check_models(models, trust_remote_code)
     names = list(leaf_tasks(load_tasks(tasks, include_paths)))
     experts = {**{t: p for t, p in (known_experts or {}).items() if t in names}, **(experts or {})}
     suite = EvalSuite(tasks, base=base, experts=experts, include_paths=include_paths, limit=limit, backend=backend,
@@ -184,7 +189,8 @@ def evaluate_models(
     own_pool = pool is None
     if own_pool:
         connect(address)
-        pool = EvaluatorPool(backend, actors=actors, threads=threads, device=device, max_model_len=max_model_len)
+        pool = EvaluatorPool(backend, actors=actors, threads=threads, device=device, max_model_len=max_model_len,
+                             trust_remote_code=trust_remote_code)  # fmt: skip
     outcome: dict[str, dict] = {}
     try:
         with _progress(progress, (len(references) + len(models)) * len(suite.names)) as advance:
@@ -217,43 +223,23 @@ def _reference_name(expert_hash: str, backend: str, task: str, prompts: list[str
 
 
 class _progress:
-    """A rich progress bar over models × tasks (or nothing)."""
+    """A progress bar over models × tasks (or nothing)."""
 
     def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
+        self.bar, self.total = console.progress("model x task", enabled=enabled), total
 
     def __enter__(self):
-        if not self.enabled:
-            return lambda n, model: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("model x task"), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
         self.bar.__enter__()
         job = self.bar.add_task("evaluating", total=self.total)
         return lambda n, model: self.bar.update(job, advance=n, description=f"evaluated {Path(model).name}")
 
     def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
+        self.bar.__exit__(*exc)
 
 
 def write_rows(rows: list[dict], out_dir: Path | str, name: str) -> Path:
     """Write ``rows`` as ``out_dir/name.parquet``: under a temporary name, then renamed into place."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.parquet"
-    tmp = out_dir / f".{name}.parquet.tmp-{os.getpid()}"
-    try:
+    path = Path(out_dir) / f"{name}.parquet"
+    with files.atomic_path(path) as tmp:
         pq.write_table(scores.to_table(rows), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

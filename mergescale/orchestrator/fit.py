@@ -9,7 +9,6 @@ prompts and the cap): every later fit on the same data reuses them.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,13 +17,14 @@ from pathlib import Path
 import ray
 import torch
 
+from mergescale.cache import cache_root
 from mergescale.checkpoints import weights_sha256
 from mergescale.errors import MergescaleError
 from mergescale.fit.data import task_prompts
 from mergescale.fit.method import FIT_THREADS, ExpertData, FitInputs, FitResult
-from mergescale.merge_ops import get_method
-from mergescale.orchestrator.cluster import connect, gpus_in_cluster
-from mergescale.orchestrator.merge import MergePlan, first_params
+from mergescale.methods import get_method
+from mergescale.orchestrator.cluster import cluster_device, connect
+from mergescale.orchestrator.plan import MergePlan, whole_merge_params
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,12 @@ References = Callable[[str, list[str], int, str], object]
 
 
 def _inputs_dir() -> Path:
-    from mergescale.zoo.build import cache_root
-
     return cache_root() / "fit-inputs"
 
 
 def fit_params(plan: MergePlan):
-    """The method's parameters (the data and optimiser settings are one value for the whole merge)."""
-    return first_params(plan)[0]
+    """The method's parameters: a data-driven method's are all whole-merge values (data, optimiser)."""
+    return whole_merge_params(plan)[0]
 
 
 def prepare(plan: MergePlan, references: References, backend: str, include_paths: Sequence[str | Path] = (),
@@ -99,7 +97,7 @@ def run_fit(plan: MergePlan, workdir: Path, *, references: tuple[References, str
     finally:
         if pool is not None:
             pool.shutdown()
-    gpu = device == "cuda" or (device == "auto" and gpus_in_cluster() > 0)
+    gpu = cluster_device(device) == "cuda"
     inputs = FitInputs(
         base=str(plan.base) if plan.base else None, experts=[str(p) for p in plan.experts], data=data,
         seed=plan.spec.seed, workdir=str(workdir), device="cuda" if gpu else "cpu",
@@ -109,11 +107,8 @@ def run_fit(plan: MergePlan, workdir: Path, *, references: tuple[References, str
         result = ray.get(_fit_task.options(**opts).remote(plan.spec.method, inputs, params))
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, MergescaleError):
-            raise MergescaleError(str(err.cause)) from None
-        raise MergescaleError(f"{plan.spec.method} fit: {type(err.cause).__name__}: {err.cause}") from None
+            raise err.cause from None  # a user error, as raised (it names what to fix)
+        raise RuntimeError(f"{plan.spec.method} fit: {type(err.cause).__name__}: {err.cause}") from err
     log.debug("%s fit in %.1f s", plan.spec.method, result.seconds)
     return result
 
-
-def write_record(result: FitResult, path: Path) -> None:
-    path.write_text(json.dumps(result.record(), indent=1, sort_keys=True) + "\n")

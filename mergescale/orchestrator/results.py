@@ -17,15 +17,17 @@ dot-files.  Rows are ``eval.scores.SCHEMA`` rows plus the job columns of :data:`
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
+import contextlib
+import fcntl
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from mergescale.errors import MergescaleError
+from mergescale import files
+from mergescale.errors import MergescaleError, SpecError
 from mergescale.eval import scores
 
 JOBS, REFERENCES, MODELS, FITS = "jobs", "references", "models", "fits"
@@ -58,14 +60,9 @@ def complete(rows: Iterable[dict], **common) -> list[dict]:
 
 def write_unit(results: Path | str, kind: str, key: str, rows: list[dict]) -> Path:
     """Write one finished unit's rows to ``results/kind/key.parquet``, atomically."""
-    folder = Path(results) / kind
-    folder.mkdir(parents=True, exist_ok=True)
-    path, tmp = folder / f"{key}.parquet", folder / f".{key}.parquet.tmp-{os.getpid()}"
-    try:
+    path = Path(results) / kind / f"{key}.parquet"
+    with files.atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -87,3 +84,17 @@ def read_results(results: Path | str) -> pa.Table:
     if not files:
         raise MergescaleError(f"{results}: no results (no {JOBS}/*.parquet); run `mergescale study run` first")
     return ds.dataset([str(p) for p in files], format="parquet", schema=SCHEMA).to_table()
+
+
+@contextlib.contextmanager
+def locked(results: Path) -> Iterator[None]:
+    """Hold the store's writer lock (``RESULTS/.lock``, an flock) for the block: one writer at a time."""
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpecError(
+                f"{results}: another `mergescale study run` is writing these results; wait for it or use another --out"
+            ) from None
+        yield

@@ -27,7 +27,9 @@ import torch
 from transformers import GenerationConfig, Qwen2ForCausalLM
 
 import mergescale
-from mergescale.errors import MergescaleError
+from mergescale import console
+from mergescale.cache import cache_root
+from mergescale.errors import ModelError, SpecError
 from mergescale.eval.greedy import score_tasks
 from mergescale.zoo.tasks import HELD_IN, HELD_OUT, Task, base_mixture, expert_mixture, get_task
 from mergescale.zoo.tasks import fingerprint as tasks_fingerprint
@@ -104,12 +106,8 @@ PRESETS: dict[str, dict] = {
 
 def preset_spec(preset: str, seed: int = 0, **overrides) -> ZooSpec:
     if preset not in PRESETS:
-        raise MergescaleError(f"unknown zoo preset {preset!r}; use one of: {', '.join(PRESETS)}")
+        raise SpecError(f"unknown zoo preset {preset!r}; use one of: {', '.join(PRESETS)}")
     return ZooSpec(preset=preset, seed=seed, **{**PRESETS[preset], **overrides})
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MERGESCALE_CACHE", Path.home() / ".cache" / "mergescale"))
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,7 @@ class Zoo:
         try:
             meta = json.loads((root / "zoo.json").read_text())
         except FileNotFoundError:
-            raise MergescaleError(
+            raise ModelError(
                 f"{root}: no zoo.json; build a zoo with `mergescale zoo build --out {root}`"
             ) from None
         return cls(root, meta)
@@ -174,12 +172,12 @@ def build_zoo(spec: ZooSpec, out: Path | None = None, progress: bool = True) -> 
         if zoo.meta.get("key") == spec.key():
             log.info("reusing zoo %s", target)
             return zoo
-        raise MergescaleError(
+        raise SpecError(
             f"{target} holds a zoo built from another spec (key {zoo.meta.get('key')}, wanted {spec.key()}); "
             "choose another --out or delete it"
         )
     if target.exists() and any(target.iterdir()):
-        raise MergescaleError(f"{target} exists and is not a zoo; choose another --out or delete it")
+        raise SpecError(f"{target} exists and is not a zoo; choose another --out or delete it")
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.staging-{os.getpid()}"
@@ -201,7 +199,6 @@ def build_zoo(spec: ZooSpec, out: Path | None = None, progress: bool = True) -> 
 
 
 def _build_into(spec: ZooSpec, root: Path, progress: bool) -> dict:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -211,15 +208,8 @@ def _build_into(spec: ZooSpec, root: Path, progress: bool) -> dict:
     tokenizer = build_tokenizer()
     eval_tasks = list(HELD_IN) + list(HELD_OUT)
     total = spec.base_steps + spec.expert_steps * len(HELD_IN)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
     try:
-        with Progress(*columns, disable=not progress, transient=False) as bar:
+        with console.progress("steps", enabled=progress) as bar:
             job = bar.add_task(f"zoo {spec.preset}: base", total=total)
             step = lambda: bar.advance(job)  # noqa: E731
             torch.manual_seed(spec.seed)

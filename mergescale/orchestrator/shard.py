@@ -1,0 +1,204 @@
+"""The per-tensor engine: one shard's tensors read, merged in fp32 and written as one safetensors file.
+
+:func:`merge_shard` and :func:`shard_stats` are the one shard function of every run path: the
+in-process runner (``local_merge.py``) and the Ray tasks (``ray_merge.py``) both call them.  A shard
+reads only its tensors (positioned reads, ``checkpoints.SafetensorsFile``), streams big tensors in
+blocks of rows for row-wise methods, and casts once on writing.  Rules: ``docs/ALGORITHMS.md#rules``.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from mergescale.checkpoints import ModelDir, ShardInfo, shard_file, write_shard
+from mergescale.errors import MergescaleError, ModelError
+from mergescale.merge_ops import TensorContext
+from mergescale.merge_ops.granularity import locate
+from mergescale.methods import get_method
+from mergescale.orchestrator.plan import MergePlan, Shard, params_for
+
+#: intra-op threads of a shard, on either runner.  Fixed, because torch's reductions (norms, dot
+#: products, SVD) split their work by thread count and round differently: one thread per shard keeps
+#: the bytes independent of the machine, and parallelism comes from running shards side by side.
+TASK_THREADS = 1
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    info: ShardInfo
+    rss_growth: int = 0  # the shard task's peak memory growth (bytes; 0 where not measurable)
+    node: str = "local"  # where it ran
+
+
+@contextmanager
+def pinned_threads():
+    """torch's intra-op threads pinned to TASK_THREADS for the block (process-wide), then restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TASK_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+def _read(model: ModelDir, name: str, rows: tuple[int, int] | None, device: str, upcast: bool = True) -> torch.Tensor:
+    """A tensor (or rows of it), checked for NaN/Inf; float tensors upcast to fp32 unless ``upcast`` is false."""
+    t = model.tensor(name) if rows is None else model.rows(name, *rows)
+    if t.is_floating_point():
+        if upcast and t.dtype != torch.float32:
+            # empty + copy_ converts bf16/fp16 about twice as fast as .to() on CPU (measured)
+            t = torch.empty(t.shape, dtype=torch.float32, device=device).copy_(t)
+        else:
+            t = t.to(device)
+        # a sum is NaN/Inf when any element is (and is ~60x cheaper than isfinite); confirm exactly
+        if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+            raise ModelError(
+                f"{model.file_of(name)}: tensor {name} holds NaN or Inf; fix or drop this model before merging"
+            )
+    return t
+
+
+def _blocks(rows: int | None, row_elements: int, block_elements: int | None) -> list[tuple[int, int] | None]:
+    """Row ranges that cover a tensor; ``[None]`` (the whole tensor at once) when it is not split."""
+    if rows is None or block_elements is None or rows * row_elements <= block_elements:
+        return [None] if rows is None else [(0, rows)]
+    step = max(1, block_elements // max(1, row_elements))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+class _TensorInputs:
+    """One tensor's inputs, block by block, as the method sees them (fp32, common vocabulary rows)."""
+
+    def __init__(self, plan: MergePlan, models: list[ModelDir], name: str, device: str, whole: bool = False):
+        self.plan, self.models, self.name, self.device = plan, models, name, device
+        self.method = get_method(plan.spec.method)
+        self.params = params_for(plan.spec, locate(name, plan.num_layers))
+        shape = models[0].shape(name)
+        common = min(m.shape(name)[0] for m in models) if name in plan.vocab_rows else (shape[0] if shape else None)
+        self.shape, self.common = shape, common
+        streamed = self.method.rowwise(self.params) and not whole
+        self.blocks = _blocks(common, math.prod(shape[1:]), plan.block_elements if streamed else None)
+        self._cache: tuple | None = None
+
+    def read(self, i: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(base, experts) for block ``i``; a tensor in one block is read once for every pass."""
+        if self._cache is not None:
+            return self._cache
+        has_base = self.plan.base is not None
+        stored = has_base and self.method.experts_as_stored  # experts only meet the fp32 base: no upcast
+        tensors = [
+            _read(m, self.name, self.blocks[i], self.device, upcast=not (stored and j > 0))
+            for j, m in enumerate(self.models)
+        ]
+        out = (tensors[0], tensors[1:]) if has_base else (None, tensors)
+        if len(self.blocks) == 1:
+            self._cache = out
+        return out
+
+    def context(self, state) -> TensorContext:
+        """The tensor's context, after running the method's block passes (``ctx.local``)."""
+        plan = self.plan
+        ctx = TensorContext(
+            name=self.name,
+            seed=plan.spec.seed,
+            stats=state,
+            blocks=len(self.blocks),
+            aux=_statistics(state, self.name, self.device),
+        )
+        for step in range(self.method.block_passes(self.params)):
+            per_block = []
+            for i in range(len(self.blocks)):
+                base, experts = self.read(i)
+                per_block.append(self.method.block_stats(step, base, experts, self.params, replace(ctx, block=i)))
+            ctx = replace(ctx, local=self.method.reduce_blocks(step, per_block, ctx.local))
+        return ctx
+
+
+def _statistics(state, name: str, device: str) -> list[torch.Tensor] | None:
+    """A data-driven fit's statistics tensors of ``name``, one per expert (None when the fit has none)."""
+    files = getattr(state, "statistics", ())
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    out = []
+    for file in files:
+        with safe_open(file, "pt") as f:
+            if name not in f.keys():
+                return None
+            out.append(f.get_tensor(name).to(device))
+    return out or None
+
+
+def tensor_stats(plan: MergePlan, models: list[ModelDir], name: str, step: int, state, device: str = "cpu"):
+    """One tensor's statistics for pass ``step`` (None for non-float tensors, which are never merged)."""
+    if not models[0].dtype(name).is_floating_point:
+        return None
+    x = _TensorInputs(plan, models, name, device, whole=True)  # statistics passes see the whole tensor
+    ctx = TensorContext(name=name, seed=plan.spec.seed, stats=state)
+    base, experts = x.read(0)
+    return x.method.tensor_stats(step, base, experts, x.params, ctx)
+
+
+def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str, state=None, device: str = "cpu") -> torch.Tensor:
+    """Merge one tensor in fp32, block by block for row-wise methods, cast once to the output dtype."""
+    if not models[0].dtype(name).is_floating_point:
+        return models[0].tensor(name)  # integer / boolean buffers are copied from the base (or the first model)
+    x = _TensorInputs(plan, models, name, device)
+    ctx = x.context(state)
+    if x.common is None:  # a 0-d tensor
+        base, experts = x.read(0)
+        return x.method.merge(base, experts, x.params, ctx).to(plan.out_dtype).cpu()
+    out = torch.empty((plan.vocab_rows.get(name, x.shape[0]), *x.shape[1:]), dtype=plan.out_dtype)
+    for i, (start, stop) in enumerate(x.blocks):
+        base, experts = x.read(i)
+        out[start:stop] = x.method.merge(base, experts, x.params, replace(ctx, block=i)).to(plan.out_dtype).cpu()
+    filled = x.common  # rows beyond the common vocabulary come from the model that has them, base first
+    for m in models:
+        if m.shape(name)[0] > filled:
+            out[filled : m.shape(name)[0]] = _read(m, name, (filled, m.shape(name)[0]), "cpu").to(plan.out_dtype)
+            filled = m.shape(name)[0]
+    return out
+
+
+def shard_stats(plan: MergePlan, index: int, step: int, state, device: str = "cpu") -> dict[str, object]:
+    """Statistics pass ``step`` over one shard's tensors (non-float tensors left out)."""
+    models = [ModelDir(p, allow_pickle=plan.allow_pickle) for p in plan.sources]
+    stats = {}
+    for name in plan.shards[index].names:
+        with _naming(plan.shards[index], name):
+            value = tensor_stats(plan, models, name, step, state, device)
+        if value is not None:
+            stats[name] = value
+    return stats
+
+
+def merge_shard(plan: MergePlan, index: int, staging: Path, state=None, device: str = "cpu") -> ShardInfo:
+    """Merge one shard's tensors and write them as one safetensors file in ``staging``."""
+    models = [ModelDir(p, allow_pickle=plan.allow_pickle) for p in plan.sources]
+    shard = plan.shards[index]
+    out = {}
+    for name in shard.names:
+        with _naming(shard, name):
+            out[name] = merge_tensor(plan, models, name, state, device)
+    return write_shard(staging, shard_file(index, len(plan.shards)), out)
+
+
+class ShardFailure(RuntimeError):
+    """A bug while merging one tensor, named by shard and tensor (the original exception is its cause)."""
+
+
+@contextmanager
+def _naming(shard: Shard, name: str):
+    """A user error passes as it is (it already names what to fix); anything else is a bug, wrapped so that
+    the report names the shard and tensor, with the original traceback chained."""
+    try:
+        yield
+    except MergescaleError:
+        raise
+    except Exception as err:
+        raise ShardFailure(f"shard {shard.label}, tensor {name}: {type(err).__name__}: {err}") from err
