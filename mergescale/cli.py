@@ -269,5 +269,19 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
 
+def run() -> None:
+    """The console script: :func:`main`, then a fast exit.  After ``import torch`` the interpreter's own
+    teardown takes about a second (measured 1.1 s on 2 cores) and does nothing a finished command needs:
+    every file is written and renamed, the log is closed.  Where this process joined Ray, the normal
+    exit runs instead, so that ``ray.shutdown`` (at exit) stops what ``ray.init`` started."""
+    code = main()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -48,11 +48,18 @@ class VLLMBackend(Backend):
             seed=0,
             max_logprobs=-1,
             trust_remote_code=self.trust_remote_code,
+            use_tqdm_on_load=False,  # no "Loading safetensors checkpoint shards" bar at start and on every swap
             gpu_memory_utilization=CPU_MEMORY_FRACTION if self.device == "cpu" else GPU_MEMORY_FRACTION,
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
     def _swap(self, path: str) -> None:
+        # vLLM logs "RotaryEmbedding: Failed to load weights" on every reload: noise.  The rotary cos/sin
+        # cache is a buffer computed from the config, never in a checkpoint; vLLM's layerwise reload counts
+        # it as loadable, finds no tensor for it and puts the original back (model_loader/reload/
+        # layerwise.py).  Outputs after a swap equal a fresh engine's
+        # (tests/test_eval.py::test_hot_swapped_weights_give_exactly_a_fresh_engines_outputs).  The line is
+        # logged in vLLM's engine process, so it is not filtered here: it goes to the run's log file.
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         self.llm.reset_prefix_cache()
 

@@ -17,7 +17,14 @@ import ray
 from mergescale.errors import ClusterError, MergescaleError, SpecError
 from mergescale.orchestrator.cluster import cluster_device, connect, gpus_in_cluster
 from mergescale.orchestrator.plan import MergePlan
-from mergescale.orchestrator.shard import TASK_THREADS, ShardFailure, ShardResult, merge_shard, shard_stats
+from mergescale.orchestrator.shard import (
+    TASK_THREADS,
+    ShardFailure,
+    ShardResult,
+    merge_shard,
+    shard_stats,
+    tune_allocator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,7 @@ def _task_setup() -> int:
     import torch
 
     torch.set_num_threads(TASK_THREADS)
+    tune_allocator()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (Linux), so the peak below is this task's

