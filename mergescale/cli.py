@@ -20,7 +20,7 @@ def _zoo_build(args: argparse.Namespace) -> int:
 
     zoo = build_zoo(preset_spec(args.preset, seed=args.seed), out=args.out, progress=not args.quiet)
     print_scores(zoo)
-    print(zoo.root, file=console.out)
+    print(zoo.root, file=console.stdout())
     return 0
 
 
@@ -52,12 +52,12 @@ def _merge(args: argparse.Namespace) -> int:
     if not args.quiet:
         if report.fit is not None:
             data = ", ".join(f"{d['count']} {d['task']}/{d['split']}" for d in report.fit.data)
-            print(f"{spec.method} fit in {report.fit.seconds:.1f} s on {data}", file=console.err)
+            print(f"{spec.method} fit in {report.fit.seconds:.1f} s on {data}", file=console.stderr())
         where = (f"{report.workers} thread(s) in this process" if report.runner == "local" else
                  f"{report.workers} Ray worker(s), {report.nodes} node(s)")  # fmt: skip
         print(f"merged {report.shards} shards in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s read) on {where}",
-              file=console.err)  # fmt: skip
-    print(report.path, file=console.out)
+              file=console.stderr())  # fmt: skip
+    print(report.path, file=console.stdout())
     return 0
 
 
@@ -100,10 +100,10 @@ def _eval(args: argparse.Namespace) -> int:
         f"evaluated {report.models} models x {len({r['task'] for r in report.rows if r['kind'] == 'score'})} tasks "
         f"in {report.seconds:.1f} s on {pool.get('actors')} {args.backend} evaluator(s): "
         f"{pool.get('engines_started')} engine start(s), {pool.get('swaps')} hot swap(s)",
-        file=console.err,
+        file=console.stderr(),
     )
     if args.out:
-        print(write_rows(report.rows, args.out, "eval"), file=console.out)
+        print(write_rows(report.rows, args.out, "eval"), file=console.stdout())
     return 0
 
 
@@ -121,7 +121,7 @@ def _study_run(args: argparse.Namespace) -> int:
         f"study {spec.name}: {run.jobs} jobs, {run.skipped} already done, {run.ran} run now "
         f"({run.references_evaluated} reference models evaluated) in {run.seconds:.1f} s; "
         f"results in {run.results}; report: mergescale study report {run.results} --out DIR",
-        file=console.err,
+        file=console.stderr(),
     )
     return 0
 
@@ -130,7 +130,7 @@ def _study_report(args: argparse.Namespace) -> int:
     from mergescale.orchestrator.report import write_report
 
     for path in write_report(args.results, args.out, metric=args.metric):
-        print(path, file=console.out)
+        print(path, file=console.stdout())
     return 0
 
 
@@ -220,12 +220,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def log_file(args: argparse.Namespace) -> Path:
+def log_file(args: argparse.Namespace) -> Path | None:
     """Where a command's log goes: ``--log``, else the run's output directory (a study's results, an
-    evaluation's ``--out``; beside a merge's ``--out``, which must hold the model alone), else the cache."""
+    evaluation's ``--out``; beside a merge's ``--out``, which must hold the model alone), else the cache.
+    Commands that only read and print (a report, a zoo's table) run no engine and keep no log."""
     if args.log:
         return args.log
     command = args.command
+    if (command, getattr(args, "study_command", None), getattr(args, "zoo_command", None)) in {
+        ("study", "report", None),
+        ("zoo", None, "show"),
+    }:
+        return None
     if command == "merge":
         out = Path(args.out).absolute()
         return out.with_name(out.name + ".log")
@@ -255,17 +261,17 @@ def main(argv: list[str] | None = None) -> int:
             return code
         except MergescaleError as err:
             log.debug("user error", exc_info=True)  # the traceback: in the log file (and live with --verbose)
-            print(f"mergescale: error: {err}", file=console.err)
+            print(f"mergescale: error: {err}", file=console.stderr())
             return 2
         except KeyboardInterrupt:
             log.debug("interrupted", exc_info=True)
-            print("mergescale: interrupted", file=console.err)
+            print("mergescale: interrupted", file=console.stderr())
             return 130
         except Exception as err:
             log.debug("bug", exc_info=True)  # the traceback: in the log file (and live with --verbose)
             first = f"{err}".splitlines()[0] if f"{err}" else ""
             print(f"mergescale: bug: {type(err).__name__}: {first} — this is a bug in mergescale, not in your "
-                  f"input; the traceback is in {path}", file=console.err)  # fmt: skip
+                  f"input; the traceback is in {path}", file=console.stderr())  # fmt: skip
             return 1
 
 

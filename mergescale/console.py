@@ -3,7 +3,7 @@
 A command runs inside :func:`session`.  Unless ``verbose``, the process's standard output and error
 (file descriptors 1 and 2, so native code and child processes too) go to the run's log file:
 vLLM, Ray (and the worker logs it forwards to the driver), transformers, lm-eval.  mergescale writes
-to the terminal through :data:`out` / :data:`err` (duplicates of the original descriptors) and
+to the terminal through :func:`stdout` / :func:`stderr` (duplicates of the original descriptors) and
 :func:`progress`; the ``mergescale`` logger's warnings reach the terminal, and every log record
 (DEBUG and up, every library) reaches the log file.  With ``verbose`` nothing is redirected and debug
 records are shown live.
@@ -23,20 +23,35 @@ from typing import TextIO
 
 from rich.console import Console
 
-#: the terminal streams for mergescale's own output (the process's stdout / stderr outside a session)
-out: TextIO = sys.stdout
-err: TextIO = sys.stderr
+#: the terminal streams for mergescale's own output inside a quiet session (None: the process's own)
+_out: TextIO | None = None
+_err: TextIO | None = None
 _console: Console | None = None
 _log: Path | None = None  # this session's log file, until its path has been printed
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def stdout() -> TextIO:
+    """Where results go: the terminal's standard output (the process's, outside a quiet session)."""
+    return _out or sys.stdout
+
+
+def stderr() -> TextIO:
+    """Where bars, warnings and messages go: the terminal's standard error."""
+    return _err or sys.stderr
+
+
 def console() -> Console:
-    """The rich console for bars and tables: the terminal's stderr."""
+    """The rich console for progress bars: the terminal's stderr."""
     global _console
-    if _console is None or _console.file is not err:
-        _console = Console(file=err)
+    if _console is None or _console.file is not stderr():
+        _console = Console(file=stderr())
     return _console
+
+
+def results_console() -> Console:
+    """A rich console for tables of results: the terminal's stdout."""
+    return Console(file=stdout())
 
 
 def progress(*columns: str, enabled: bool = True):
@@ -65,7 +80,7 @@ def announce_log() -> None:
     of a command that succeeded.  A command refused for bad input prints its one error line only."""
     global _log
     if _log is not None:
-        print(f"log: {_log}", file=err)
+        print(f"log: {_log}", file=stderr())
         _log = None
 
 
@@ -93,7 +108,7 @@ class _TerminalFilter(logging.Filter):
 @contextlib.contextmanager
 def session(log_file: Path | None, verbose: bool = False) -> Iterator[Path | None]:
     """Run a command with a quiet terminal and a complete log file (see the module docstring)."""
-    global out, err, _log
+    global _out, _err, _log
     caller_out, caller_err = sys.stdout, sys.stderr
     root = logging.getLogger()
     saved_level, saved_handlers = root.level, root.handlers[:]
@@ -118,14 +133,14 @@ def session(log_file: Path | None, verbose: bool = False) -> Iterator[Path | Non
                 saved = os.dup(fd)
                 saved_fds.append((fd, saved))
                 os.dup2(log_stream.fileno(), fd)
-            out = io.TextIOWrapper(os.fdopen(os.dup(saved_fds[0][1]), "wb", buffering=0), write_through=True)
-            err = io.TextIOWrapper(os.fdopen(os.dup(saved_fds[1][1]), "wb", buffering=0), write_through=True)
-            opened += [out, err]
+            _out = io.TextIOWrapper(os.fdopen(os.dup(saved_fds[0][1]), "wb", buffering=0), write_through=True)
+            _err = io.TextIOWrapper(os.fdopen(os.dup(saved_fds[1][1]), "wb", buffering=0), write_through=True)
+            opened += [_out, _err]
             # Python writes that were meant for the terminal now land in the log file too
             sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(1), "wb", buffering=0), write_through=True)
             sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
             opened += [sys.stdout, sys.stderr]
-        terminal = logging.StreamHandler(err)
+        terminal = logging.StreamHandler(stderr())
         terminal.setLevel(logging.DEBUG if verbose else logging.WARNING)
         terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _Short())
         if not verbose:
@@ -146,4 +161,4 @@ def session(log_file: Path | None, verbose: bool = False) -> Iterator[Path | Non
         for stream in reversed(opened):
             with contextlib.suppress(Exception):
                 stream.close()
-        out, err, _log = sys.stdout, sys.stderr, None
+        _out, _err, _log = None, None, None

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from mergescale import console as terminal
 from mergescale.eval.scores import HELD_IN, HELD_OUT, SUMMARY_TASK
 
 
@@ -47,7 +47,7 @@ def results_table(rows: Sequence[dict], first: Sequence[str] = ()) -> Table:
 
 
 def print_results(rows: Sequence[dict], first: Sequence[str] = ()) -> None:
-    console = Console()
+    console = terminal.results_console()
     if not console.is_terminal:
         console.width = max(console.width, 160)
     console.print(results_table(rows, first))

@@ -36,10 +36,10 @@ import numpy as np
 import pyarrow as pa
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
+from mergescale import console as terminal
 from mergescale.errors import MergescaleError
 from mergescale.eval.scores import HELD_IN, HELD_OUT, SUMMARY_TASK
 from mergescale.orchestrator.results import BASE, EXPERT, FITS, MERGE, read_results
@@ -298,7 +298,7 @@ def print_leaderboard(rows_or_table: list[dict] | pa.Table, top: int | None = No
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    console = Console()
+    console = terminal.results_console()
     if not console.is_terminal:
         console.width = max(console.width, 160)
     console.print(table)

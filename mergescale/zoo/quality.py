@@ -14,11 +14,11 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
+from mergescale import console as terminal
 from mergescale.eval.greedy import score_tasks
 from mergescale.merge_ops.linear import task_arithmetic
 from mergescale.zoo.build import Zoo
@@ -109,4 +109,4 @@ def print_quality(q: Quality) -> None:
     table.add_row(
         "mean normalized score, average of all experts", f"{q.average_all_mean():.0%}", "clearly below 2-expert"
     )
-    Console().print(table)
+    terminal.results_console().print(table)

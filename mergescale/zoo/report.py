@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
 
+from mergescale import console as terminal
 from mergescale.zoo.build import Zoo
 
 
@@ -32,7 +32,7 @@ def score_table(zoo: Zoo, metric: str = "exact_match") -> Table:
 
 
 def print_scores(zoo: Zoo, metric: str = "exact_match") -> None:
-    console = Console()
+    console = terminal.results_console()
     if not console.is_terminal:
         console.width = max(console.width, 140)  # 13 columns: do not squeeze them in a log file
     console.print(score_table(zoo, metric))
