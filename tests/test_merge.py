@@ -114,8 +114,36 @@ def test_agrees_with_mergekit(method, tiny_zoo, ray_session, tmp_path):
     path.write_text(yaml.safe_dump(config))
     mergekit_merge(config, tmp_path / "mergekit")
     run_merge(load_merge_spec(path), tmp_path / "mergescale", progress=False)
+    if method == "ties":
+        assert_equal_but_for_boundary_ties(config, tmp_path / "mergescale", tmp_path / "mergekit")
+        return
     worst, where = max_rel_diff(tmp_path / "mergescale", tmp_path / "mergekit")
     assert worst <= 1e-4, f"{method}: max relative difference {worst:.2e} at {where}"
+
+
+def assert_equal_but_for_boundary_ties(config: dict, ours: Path, theirs: Path) -> None:
+    """TIES agrees with mergekit within 1e-4 everywhere except where an expert's task vector has several
+    elements of exactly the k-th largest magnitude: both keep exactly k, but mergekit keeps the ones its
+    unstable argsort lists first and mergescale the lowest flat indices (docs/ALGORITHMS.md#ties).  Which
+    zoo tensors have such ties depends on the host that trained the zoo."""
+    base = ModelDir(config["base_model"])
+    experts = [(ModelDir(m["model"]), m["parameters"]) for m in config["models"]]
+    ma, mb = ModelDir(ours), ModelDir(theirs)
+    for name in ma.names:
+        x, y = ma.tensor(name).double(), mb.tensor(name).double()
+        off = (x - y).abs() > 1e-4 * y.abs().max().clamp(min=1e-12)
+        if not off.any():
+            continue
+        tied = torch.zeros_like(off)
+        b = base.tensor(name).float()
+        for model, params in experts:
+            mag = (model.tensor(name).float() - b).abs()
+            k = int(params["density"] * mag.numel())
+            thr = mag.reshape(-1).sort(descending=True).values[k - 1]
+            if int((mag > thr).sum()) < k < int((mag >= thr).sum()):  # the k-th magnitude is shared
+                tied |= mag == thr
+        assert not (off & ~tied).any(), f"ties: {name} differs from mergekit away from a top-k tie"
+
 
 
 @pytest.mark.zoo  # the CLI subprocess merges in its own process: a one-off merge starts no Ray

@@ -254,7 +254,7 @@ def test_two_node_cluster_through_the_cli(how, family, tmp_path):
     finally:
         cluster.shutdown()
     assert res.returncode == 0, res.stderr
-    assert "on 2 worker(s), 2 node(s)" in res.stderr, res.stderr
+    assert "on 2 Ray worker(s), 2 node(s)" in res.stderr, res.stderr
     assert files(tmp_path / "cluster") == files(tmp_path / "local")
 
 
