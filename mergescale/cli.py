@@ -227,9 +227,9 @@ def log_file(args: argparse.Namespace) -> Path | None:
     if args.log:
         return args.log
     command = args.command
-    if (command, getattr(args, "study_command", None), getattr(args, "zoo_command", None)) in {
-        ("study", "report", None),
-        ("zoo", None, "show"),
+    if (command, getattr(args, "study_command", None) or getattr(args, "zoo_command", None)) in {
+        ("study", "report"),
+        ("zoo", "show"),
     }:
         return None
     if command == "merge":

@@ -105,6 +105,11 @@ class _TerminalFilter(logging.Filter):
         return record.name == "mergescale" or record.name.startswith("mergescale.")
 
 
+def _writer(fd: int) -> TextIO:
+    """An unbuffered text stream on a duplicate of ``fd`` (closing it leaves ``fd`` open)."""
+    return io.TextIOWrapper(os.fdopen(os.dup(fd), "wb", buffering=0), write_through=True)
+
+
 @contextlib.contextmanager
 def session(log_file: Path | None, verbose: bool = False) -> Iterator[Path | None]:
     """Run a command with a quiet terminal and a complete log file (see the module docstring)."""
@@ -133,13 +138,10 @@ def session(log_file: Path | None, verbose: bool = False) -> Iterator[Path | Non
                 saved = os.dup(fd)
                 saved_fds.append((fd, saved))
                 os.dup2(log_stream.fileno(), fd)
-            _out = io.TextIOWrapper(os.fdopen(os.dup(saved_fds[0][1]), "wb", buffering=0), write_through=True)
-            _err = io.TextIOWrapper(os.fdopen(os.dup(saved_fds[1][1]), "wb", buffering=0), write_through=True)
-            opened += [_out, _err]
+            _out, _err = _writer(saved_fds[0][1]), _writer(saved_fds[1][1])
             # Python writes that were meant for the terminal now land in the log file too
-            sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(1), "wb", buffering=0), write_through=True)
-            sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(2), "wb", buffering=0), write_through=True)
-            opened += [sys.stdout, sys.stderr]
+            sys.stdout, sys.stderr = _writer(1), _writer(2)
+            opened += [_out, _err, sys.stdout, sys.stderr]
         terminal = logging.StreamHandler(stderr())
         terminal.setLevel(logging.DEBUG if verbose else logging.WARNING)
         terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _Short())

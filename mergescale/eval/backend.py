@@ -114,10 +114,10 @@ class Backend(ABC):
         from mergescale.eval.architecture import check_architecture
 
         path = str(Path(path).resolve())
-        check_architecture(path, self.trust_remote_code)  # before any engine code reads the config
         signature, fingerprint = model_signature(path), weights_fingerprint(path)
         if self.path == path and self.fingerprint == fingerprint:
             return "kept"
+        check_architecture(path, self.trust_remote_code)  # before any engine code reads the config
         started = time.perf_counter()
         if self.signature is None:
             from transformers import AutoTokenizer

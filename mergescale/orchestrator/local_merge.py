@@ -8,7 +8,6 @@ the bytes are the same; torch, file reads and hashing release the GIL, so shards
 
 from __future__ import annotations
 
-import logging
 import os
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -17,8 +16,6 @@ import torch
 from mergescale.errors import ClusterError, SpecError
 from mergescale.orchestrator.plan import MergePlan
 from mergescale.orchestrator.shard import ShardResult, merge_shard, pinned_threads, shard_stats
-
-log = logging.getLogger(__name__)
 
 
 def resolve_local_device(device: str) -> str:

@@ -56,7 +56,8 @@ class MergePlan:
         return ([self.base] if self.base else []) + self.experts
 
 
-def _models(paths, allow_pickle: bool) -> list[ModelDir]:
+def open_models(paths, allow_pickle: bool) -> list[ModelDir]:
+    """The model directories at ``paths`` (headers are read when first needed)."""
     return [ModelDir(p, allow_pickle=allow_pickle) for p in paths]
 
 
@@ -144,7 +145,7 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
     for p in paths:
         if not p.exists():
             raise ModelError(f"{p}: no such model directory; check the path in the merge config")
-    models = _models(paths, allow_pickle)
+    models = open_models(paths, allow_pickle)
     ref = models[0]
     for m in models[1:]:
         for key in _ARCH_KEYS:

@@ -9,7 +9,6 @@ small reduced statistics, never tensors.  A task whose worker process dies is re
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import ray
@@ -25,8 +24,6 @@ from mergescale.orchestrator.shard import (
     shard_stats,
     tune_allocator,
 )
-
-log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3  # a shard whose worker dies is rerun up to this many times
 GPU_SHARE = 0.5  # GPU fraction per shard task: two shards per GPU overlap reading with compute

@@ -20,7 +20,7 @@ from mergescale.errors import MergescaleError, ModelError
 from mergescale.merge_ops import TensorContext
 from mergescale.merge_ops.granularity import locate
 from mergescale.methods import get_method
-from mergescale.orchestrator.plan import MergePlan, Shard, params_for
+from mergescale.orchestrator.plan import MergePlan, Shard, open_models, params_for
 
 #: intra-op threads of a shard, on either runner.  Fixed, because torch's reductions (norms, dot
 #: products, SVD) split their work by thread count and round differently: one thread per shard keeps
@@ -192,7 +192,7 @@ def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str, state=None,
 
 def shard_stats(plan: MergePlan, index: int, step: int, state, device: str = "cpu") -> dict[str, object]:
     """Statistics pass ``step`` over one shard's tensors (non-float tensors left out)."""
-    models = [ModelDir(p, allow_pickle=plan.allow_pickle) for p in plan.sources]
+    models = open_models(plan.sources, plan.allow_pickle)
     stats = {}
     for name in plan.shards[index].names:
         with _naming(plan.shards[index], name):
@@ -204,7 +204,7 @@ def shard_stats(plan: MergePlan, index: int, step: int, state, device: str = "cp
 
 def merge_shard(plan: MergePlan, index: int, staging: Path, state=None, device: str = "cpu") -> ShardInfo:
     """Merge one shard's tensors and write them as one safetensors file in ``staging``."""
-    models = [ModelDir(p, allow_pickle=plan.allow_pickle) for p in plan.sources]
+    models = open_models(plan.sources, plan.allow_pickle)
     shard = plan.shards[index]
     out = {}
     for name in shard.names:
