@@ -21,6 +21,7 @@ from mergescale.orchestrator.shard import (
     ShardFailure,
     ShardResult,
     merge_shard,
+    release_heap,
     shard_stats,
     tune_allocator,
 )
@@ -35,6 +36,7 @@ def _task_setup() -> int:
 
     torch.set_num_threads(TASK_THREADS)
     tune_allocator()
+    release_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (Linux), so the peak below is this task's

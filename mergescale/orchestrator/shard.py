@@ -58,6 +58,18 @@ def tune_allocator() -> None:
         pass
 
 
+def release_heap() -> None:
+    """Return the heap's free memory to the kernel (glibc ``malloc_trim``): a Ray task calls it first, so
+    that what earlier tasks of the same worker left in the heap (see :func:`tune_allocator`) does not hide
+    this task's own memory growth."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def pinned_threads():
     """torch's intra-op threads pinned to TASK_THREADS for the block (process-wide), then restored."""
