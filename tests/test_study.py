@@ -191,6 +191,14 @@ def test_a_study_runs_merges_and_evaluations_and_its_rows_are_normalized(tiny_zo
                                  + ta[("zoo_rot13", "score", "exact_match")]["normalized"]) / 2)  # fmt: skip
     assert 0 < ta[("zoo_upper", "divergence", "js")]["value"] < math.log(2)
     assert ta[("zoo_upper", "divergence", "js")]["merge_seconds"] > 0
+    # provenance on every row, references included: the zoo's key and the evaluator process's software and CPU
+    import torch
+
+    from mergescale.provenance import cpu_model
+
+    for r in rows:
+        assert r["zoo_key"] == tiny_zoo.meta["key"] and r["weights_sha256"]
+        assert r["torch_version"] == torch.__version__ and r["host_cpu"] == cpu_model() and r["vllm_version"]
     # the kept model is the merge the spec describes, byte for byte
     kept = Path(ta[("zoo_upper", "score", "exact_match")]["model_path"])
     assert ta[("zoo_upper", "score", "exact_match")]["weights_sha256"] == weights_sha256(kept)

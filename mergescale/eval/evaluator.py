@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergescale import files
+from mergescale import files, provenance
 from mergescale.eval.backend import Backend, GenerateRequest
 from mergescale.eval.divergence import example_divergences
 from mergescale.eval.engines import make_backend
@@ -94,7 +94,9 @@ class Evaluator:
         }
 
     def info(self) -> dict:
-        return {**self.backend.info(), "pid": os.getpid(), "busy_seconds": self.busy_seconds}
+        """The backend's state, and the provenance of this process's scores (``provenance.environment``)."""
+        return {**self.backend.info(), "pid": os.getpid(), "busy_seconds": self.busy_seconds,
+                **provenance.environment()}  # fmt: skip
 
     def _timed(self, fn, arg):
         started = time.perf_counter()

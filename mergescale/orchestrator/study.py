@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergescale import console, files
+from mergescale import console, files, provenance
 from mergescale.checkpoints import weights_sha256
 from mergescale.errors import MergescaleError
 from mergescale.orchestrator import results as store
@@ -84,14 +84,16 @@ def merge_and_evaluate(job: Job, ctx: StudyContext) -> list[dict]:
         raise MergescaleError(f"job {job.model_id}: not evaluated, the study is stopping on an earlier error")
     held_in = [ctx.models.task_of(e) for e in job.experts]
     model = str(out)
-    outcome = ctx.pool.run(lambda lease, m: ctx.suite.evaluate(lease, m, held_in + ctx.held_out, held_in), model)
+    outcome, env = ctx.pool.run(lambda lease, m: (ctx.suite.evaluate(lease, m, held_in + ctx.held_out, held_in),
+                                                  lease.info()), model)  # fmt: skip
     rows = ctx.suite.rows({model: outcome}, {model: weights_sha256(out)}, ctx.reference_rows)
     rows = store.complete(
         [{**r, "model": job.model_id} for r in rows],
         study=ctx.spec.name, job_key=job.key, job_kind=store.MERGE, method=job.method, label=job.label,
         parameters=job.parameters, experts=list(job.experts), n_experts=len(job.experts), seed=job.seed,
         merge_seconds=merge_seconds, model_path=model if ctx.spec.keep_models else None,
-        fit=_fit_record(out, ctx.results, job.key),
+        fit=_fit_record(out, ctx.results, job.key), zoo_key=ctx.models.zoo_key,
+        **{c: env.get(c) for c in provenance.COLUMNS},
     )  # fmt: skip
     store.write_unit(ctx.results, store.JOBS, job.key, rows)
     if not ctx.spec.keep_models:
@@ -237,12 +239,13 @@ def _run(spec, models, results, pending, refs, refs_done, address, progress):
         ctx.on_merged = lambda job: bars.advance("merge")
 
         def references() -> None:
-            outcome = {}
+            outcome, envs = {}, {}
             if todo_refs:
                 paths = [u["path"] for u in todo_refs]
-                for u, got in zip(todo_refs, pool.map(suite.evaluate, paths, lambda m, _: bars.advance("eval")),
-                                  strict=True):  # fmt: skip
-                    outcome[u["path"]] = got
+                evaluated = pool.map(lambda lease, m: (suite.evaluate(lease, m), lease.info()), paths,
+                                     lambda m, _: bars.advance("eval"))  # fmt: skip
+                for u, (got, env) in zip(todo_refs, evaluated, strict=True):
+                    outcome[u["path"]], envs[u["path"]] = got, env
             old = [row for u in refs if u["key"] in refs_done for row in store.read_unit(results, store.REFERENCES,
                                                                                         u["key"])]  # fmt: skip
             old = [{**row, "model": row["model_path"]} for row in old]
@@ -251,7 +254,8 @@ def _run(spec, models, results, pending, refs, refs_done, address, progress):
                 mine = [{**row, "model": u["model_id"]} for row in rows if row["model"] == u["path"]]
                 store.write_unit(results, store.REFERENCES, u["key"], store.complete(
                     mine, study=spec.name, job_key=u["key"], job_kind=u["kind"], label=u["kind"],
-                    experts=u["experts"], n_experts=len(u["experts"]), model_path=u["path"]))  # fmt: skip
+                    experts=u["experts"], n_experts=len(u["experts"]), model_path=u["path"],
+                    zoo_key=models.zoo_key, **{c: envs[u["path"]].get(c) for c in provenance.COLUMNS}))  # fmt: skip
             ctx.reference_rows = [r for r in old + [r for r in rows if r["kind"] == "score"] if r["kind"] == "score"]
             missing = [p for t, p in suite.experts.items() if t in suite.ref_files and not suite.ref_files[t].exists()]
             if missing:  # references evaluated earlier whose divergence files are gone

@@ -20,6 +20,7 @@ class StudyModels:
     base: str
     experts: dict[str, tuple[str, str]]  # name -> (directory, held-in task)
     hashes: dict[str, str] = field(default_factory=dict)  # directory -> weights sha256
+    zoo_key: str | None = None  # the zoo's key when any model is a zoo's
 
     def task_of(self, name: str) -> str:
         return self.experts[name][1]
@@ -94,4 +95,4 @@ def resolve_models(spec: StudySpec, root: Path, progress: bool = True) -> StudyM
     if len(set(tasks)) != len(tasks):
         dup = next(t for t in tasks if tasks.count(t) > 1)
         raise SpecError(f"experts: two experts claim the held-in task {dup}; each task has one expert")
-    return StudyModels(base, experts)
+    return StudyModels(base, experts, zoo_key=zoo.meta.get("key") if zoo else None)
