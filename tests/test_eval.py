@@ -148,10 +148,10 @@ def test_lm_eval_multiple_choice_runs_on_loglikelihoods(tiny_zoo, hf):
     assert result.metrics["acc"] == pytest.approx(right / 40) and right / 40 > 0.8
 
 
-def _inline(config: dict) -> dict:
+def _inline(*configs: dict) -> dict:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_defaults=False).load([config])
+    return TaskManager(include_defaults=False).load(list(configs))
 
 
 # ---------------------------------------------------------------- vLLM evaluator actors on Ray
@@ -265,6 +265,102 @@ def test_an_actor_killed_mid_evaluation_is_replaced_and_no_result_is_lost_or_dou
 
     assert len(key(report.rows)) == len(models) * 2 * 2  # models x tasks x metrics, each once
     assert key(report.rows) == key(clean.rows)
+
+
+# ---------------------------------------------------------------- scores are lm-eval's own
+def _llama_like_copy(src: str, dst) -> str:
+    """A copy of a zoo model whose tokenizer, like a Llama-family one, has a BOS token ``<s>`` that it
+    prepends to every text, and a space token (the zoo's tokenizer drops spaces), so that a context's
+    trailing whitespace changes what is scored.  The two new embedding and output rows are random."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+
+    def edit(name, fn):
+        data = json.loads((dst / name).read_text())
+        fn(data)
+        (dst / name).write_text(json.dumps(data, indent=1))
+
+    config = json.loads((dst / "config.json").read_text())
+    bos, space = config["vocab_size"], config["vocab_size"] + 1
+    edit("config.json", lambda c: c.update(vocab_size=bos + 2, bos_token_id=bos))
+    edit("generation_config.json", lambda c: c.update(bos_token_id=bos))
+    edit("tokenizer_config.json", lambda c: c.update(bos_token="<s>"))
+
+    def tokenizer(t):
+        t["model"]["vocab"].update({"<s>": bos, " ": space})
+        t["added_tokens"].append({"id": bos, "content": "<s>", "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True})  # fmt: skip
+        seq = {"Sequence": {"id": "A", "type_id": 0}}
+        t["post_processor"] = {
+            "type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, seq],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, seq, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [bos], "tokens": ["<s>"]}},
+        }  # fmt: skip
+
+    edit("tokenizer.json", tokenizer)
+    tensors = load_file(dst / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t = tensors[name]
+        tensors[name] = torch.cat([t, torch.randn(2, t.shape[1], generator=g) * t.std()])
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
+
+
+def _per_document(lm, limit: int = 20) -> dict[str, list]:
+    """lm-eval's own responses, per task in document order, for a log-likelihood task (about half the
+    contexts empty, the rest ending in a space), a rolling log-likelihood task and the zoo's upper
+    generation task."""
+    from lm_eval.evaluator import evaluate
+
+    from mergescale.eval.lm_tasks.zoo.utils import load_zoo_task
+
+    common = {"custom_dataset": load_zoo_task, "dataset_kwargs": {"zoo_task": "upper"}, "test_split": "test"}
+    inline = _inline(
+        {**common, "task": "zoo_upper_ll", "output_type": "loglikelihood", "target_delimiter": "",
+         "doc_to_text": "{% if prompt[3] < 'n' %}{{prompt}} {% endif %}", "doc_to_target": "{{answer}}",
+         "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}]},
+        {**common, "task": "zoo_upper_rolling", "output_type": "loglikelihood_rolling", "doc_to_text": "",
+         "doc_to_target": "{{prompt}} {{answer}}", "metric_list": [{"metric": "byte_perplexity"}]},
+    )  # fmt: skip
+    tasks = {"tasks": {**inline["tasks"], **load_tasks(["zoo_upper"])["tasks"]}, "groups": {}, "group_map": {}}
+    got = evaluate(lm, tasks, limit=limit, log_samples=True, verbosity="ERROR")
+    return {t: [s["resps"][0][0] for s in sorted(got["samples"][t], key=lambda s: s["doc_id"])] for t in tasks["tasks"]}
+
+
+def _logprob(response) -> float:
+    """A log-likelihood response's value: ``(logprob, is_greedy)``, or a rolling task's plain number."""
+    return response[0] if isinstance(response, tuple | list) else response
+
+
+@pytest.mark.zoo
+@pytest.mark.ray
+@pytest.mark.engine
+@pytest.mark.parametrize("tokenizer", ["zoo", "bos"])
+def test_scores_are_lm_evals_own_hf_model_document_by_document(tiny_zoo, pool, tokenizer, tmp_path):
+    """lm-eval's own ``hf`` model and mergescale's HF and vLLM backends on the same model: equal greedy
+    outputs, log-likelihoods within 1e-4, with the zoo's tokenizer and with a Llama-like one (BOS)."""
+    from lm_eval.models.huggingface import HFLM
+
+    model = str(tiny_zoo.experts["upper"])
+    if tokenizer == "bos":
+        model = _llama_like_copy(model, tmp_path / "bos")
+    theirs = _per_document(HFLM(pretrained=model, device="cpu", batch_size=1))
+    ours = {
+        "hf": _per_document(MergescaleLM(Evaluator("hf", threads=2), model)),
+        "vllm": pool.run(lambda lease, m: _per_document(MergescaleLM(lease, m)), model),
+    }
+    assert len(theirs["zoo_upper_ll"]) == len(theirs["zoo_upper_rolling"]) == len(theirs["zoo_upper"]) == 20
+    for backend, got in ours.items():
+        assert got["zoo_upper"] == theirs["zoo_upper"], backend
+        assert [g for _, g in got["zoo_upper_ll"]] == [g for _, g in theirs["zoo_upper_ll"]], backend
+        for task in ("zoo_upper_ll", "zoo_upper_rolling"):
+            mine, ref = (torch.tensor([_logprob(x) for x in r[task]], dtype=torch.float64) for r in (got, theirs))
+            assert (mine - ref).abs().max() < 1e-4, (backend, task, (mine - ref).abs().max())
 
 
 @pytest.mark.zoo

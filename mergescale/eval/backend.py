@@ -7,7 +7,8 @@
 * **distributions** — the full-vocabulary next-token log-probabilities at every position
   of a given continuation (divergences between models).
 
-Text is tokenized here, once, the same way for every engine; engines (``vllm_backend``,
+Text is tokenized here, once, the same way for every engine and exactly as lm-eval's own ``hf``
+model tokenizes it (:class:`LMEvalTokens`, a ``TemplateLM``); engines (``vllm_backend``,
 ``hf_backend``) implement the token-level primitives.  A backend loads a model and then
 *swaps* in the weights of the next model with the same :func:`model_signature`
 (architecture, shapes, tokenizer) in place; a model with another signature needs a new
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lm_eval.api.model import TemplateLM
 
 from mergescale.checkpoints import TOKENIZER_FILES
 from mergescale.errors import MergescaleError, ModelError
@@ -101,6 +103,7 @@ class Backend(ABC):
         self.signature: str | None = None
         self.fingerprint: tuple | None = None
         self.tokenizer = None
+        self.lm_tokens: LMEvalTokens | None = None  # lm-eval's tokenization with that tokenizer
         self.max_model_len = 0
         self.starts = 0
         self.swaps = 0
@@ -123,6 +126,7 @@ class Backend(ABC):
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+            self.lm_tokens = LMEvalTokens(self.tokenizer)
             config = json.loads((Path(path) / "config.json").read_text())
             self.max_model_len = self.max_model_len_override or min(config.get("max_position_embeddings", 2048), 4096)
             self._start(path)
@@ -173,19 +177,12 @@ class Backend(ABC):
         return self.tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        """Token ids without special tokens, as lm-eval's own backends tokenize by default."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of a prompt as lm-eval's ``hf`` model encodes it (:meth:`LMEvalTokens.tok_encode`)."""
+        return self.lm_tokens.tok_encode(text)
 
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Token ids of context and continuation.  The continuation is tokenized in context (the tail of
-        the whole text's ids) so a token spanning the boundary counts once; an empty context is the
-        end-of-sequence token."""
-        if not context:
-            return [self.eos_id], self.encode(continuation)
-        ctx, whole = self.encode(context), self.encode(context + continuation)
-        if whole[: len(ctx)] == ctx:
-            return ctx, whole[len(ctx) :]
-        return ctx, self.encode(continuation)
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """Token ids of each (context, continuation), split as lm-eval's ``TemplateLM`` splits them."""
+        return self.lm_tokens.encode_pairs(pairs)
 
     def _fit(self, seq: list[int], start: int, room: int = 0) -> tuple[list[int], int]:
         """Drop tokens from the left so the sequence (plus ``room``) fits the model; keep ``start`` aligned."""
@@ -207,23 +204,23 @@ class Backend(ABC):
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         seqs, starts = [], []
-        for context, continuation in pairs:
-            ctx, cont = self.encode_pair(context, continuation)
+        for ctx, cont in self.encode_pairs(pairs):
             seq, start = self._fit(ctx + cont, len(ctx))
             seqs.append(seq)
             starts.append(start)
         return self.token_logprobs(seqs, starts)
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
-        """Log-likelihood of each whole text, in disjoint windows of the model's length (each window
-        conditioned on as much preceding text as fits), the first token conditioned on EOS."""
+        """Log-likelihood of each whole text as lm-eval's ``hf`` model computes it: the text's ids
+        (:meth:`LMEvalTokens.tok_encode`) in disjoint windows of the model's length, each window
+        conditioned on as much preceding text as fits, the first token on lm-eval's prefix token."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         seqs, starts, owner = [], [], []
         for i, text in enumerate(texts):
             windows = get_rolling_token_windows(
-                token_list=self.tokenizer(text, add_special_tokens=False)["input_ids"],
-                prefix_token=self.eos_id,
+                token_list=self.encode(text),
+                prefix_token=self.lm_tokens.prefix_token_id,
                 max_seq_len=self.max_model_len,
                 context_len=1,
             )
@@ -239,3 +236,47 @@ class Backend(ABC):
     def info(self) -> dict:
         return {"backend": self.name, "path": self.path, "starts": self.starts, "swaps": self.swaps,
                 "load_seconds": self.load_seconds}  # fmt: skip
+
+
+class LMEvalTokens(TemplateLM):
+    """lm-eval's tokenization, so that scores are lm-eval's: ``TemplateLM`` itself splits a context
+    from its continuation (trailing whitespace of the context moves into the continuation; an empty
+    context becomes the prefix token, or the continuation's first token when that is the prefix
+    token), and ``tok_encode`` and ``prefix_token_id`` follow lm-eval's ``hf`` model (``HFLM``,
+    lm-eval 0.4.13) with its default arguments: the tokenizer's own special tokens (a Llama-family
+    tokenizer's BOS) unless the text already starts with the prefix token; prefix token = BOS,
+    else EOS.  Only the tokenization is used: scoring is the backends'."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        if add_special_tokens is None:
+            add_special_tokens = not string.startswith(self.tokenizer.decode(self.prefix_token_id))
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        from lm_eval.api.instance import Instance
+
+        requests = [Instance("loglikelihood", {}, tuple(pair), i) for i, pair in enumerate(pairs)]
+        return self.loglikelihood(requests, disable_tqdm=True)
+
+    def _loglikelihood_tokens(self, requests, **kwargs) -> list[tuple[list[int], list[int]]]:
+        # TemplateLM.loglikelihood hands over ((context, continuation), context ids, continuation ids)
+        return [(list(ctx), list(cont)) for _, ctx, cont in requests]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("tokenization only: Backend.loglikelihood_rolling scores")
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("tokenization only: Backend.generate generates")
