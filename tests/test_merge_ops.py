@@ -263,6 +263,28 @@ def test_global_ties_keeps_exactly_the_top_k_of_the_whole_task_vector():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_ties_keeps_the_exact_top_k_when_ties_at_the_threshold_span_the_chunks(scope):
+    """A tensor of several CHUNKs whose magnitudes tie massively at the k-th value: the first of the equal
+    ones in flat order are kept, across the chunk boundaries (the trimming runs chunk by chunk)."""
+    from mergescale.merge_ops.registry import TensorContext
+    from mergescale.merge_ops.ties import CHUNK
+
+    g = torch.Generator().manual_seed(5)
+    e = torch.randn(3 * CHUNK // 200 + 7, 200, generator=g).round(decimals=1)  # ~40 distinct magnitudes
+    base = torch.zeros_like(e)
+    m = get_method("ties")
+    ps = [m.Params(density=0.37, scope=scope)]
+    state = None
+    for step in range(m.stats_passes(ps)):
+        state = m.reduce(step, {"w": m.tensor_stats(step, base, [e], ps, TensorContext("w", stats=state))}, state)
+    got = m.merge(base, [e], ps, TensorContext("w", stats=state))
+    want = sp.topk_mask(e, 0.37)
+    thr = e.abs()[want].min()
+    assert int((e.abs() == thr).sum()) > int((e.abs() == thr)[want].sum()) > 0  # a tie is broken here
+    assert torch.equal(got != 0, want & (e != 0)) and torch.equal(got[want], e[want])
+
+
 def test_awd_lowers_the_mean_absolute_cosine():
     from mergescale.merge_ops.awd import fit_delta, mean_abs_cos
 

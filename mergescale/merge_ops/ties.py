@@ -22,6 +22,14 @@ from mergescale.merge_ops.registry import Method, MethodParams, TensorContext, r
 Rescale = Literal["inverse", "l1", "none"]
 
 
+#: elements per elementwise pass.  A chunk's operands (the base, each expert's task vector, the sums, the
+#: sign and the divisor: about a dozen fp32 arrays of 512 KB) stay in a core's L2 cache, where torch's
+#: one-operation-at-a-time passes run much faster than over a whole block streamed from memory (TIES'
+#: combine of 4 experts measured 47 → 27 ms per 2^20 elements).  Every operation here is elementwise, so
+#: the chunk size never changes a byte.
+CHUNK = 1 << 17
+
+
 def combine(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
@@ -31,10 +39,28 @@ def combine(
     normalize: bool,
     lam: float,
 ) -> torch.Tensor:
-    """θ0 + λ · (Σ wi τ'i [agreeing]) / (Σ wi [agreeing] if normalize).
+    """θ0 + λ · (Σ wi τ'i [agreeing]) / (Σ wi [agreeing] if normalize), for task vectors at hand."""
+    flat = [d.reshape(-1) for d in deltas]
+    return combine_chunks(base, lambda i, s: flat[i][s], len(deltas), weights, elect=elect, normalize=normalize,
+                          lam=lam)  # fmt: skip
 
-    Sums run over the experts in order, one element at a time: the result of an element never
-    depends on the tensor's other elements, so merging blocks of rows gives the same bytes."""
+
+def combine_chunks(base: torch.Tensor, delta, n: int, weights: list[float], *, elect: bool, normalize: bool,
+                   lam: float) -> torch.Tensor:  # fmt: skip
+    """:func:`combine`, chunk by chunk (:data:`CHUNK`): ``delta(i, s)`` is expert i's sparsified task vector
+    over the flat slice ``s`` (computed there, so that it is still in cache when it is summed); slices come
+    in flat order."""
+    b = base.reshape(-1)
+    out = torch.empty_like(b)
+    for start in range(0, b.numel(), CHUNK):
+        s = slice(start, start + CHUNK)
+        out[s] = _combine(b[s], [delta(i, s) for i in range(n)], weights, elect, normalize, lam)
+    return out.reshape(base.shape)
+
+
+def _combine(base, deltas, weights, elect: bool, normalize: bool, lam: float) -> torch.Tensor:
+    """One chunk.  Sums run over the experts in order, one element at a time: the result of an element
+    never depends on the tensor's other elements, so merging blocks of rows gives the same bytes."""
     mixed = torch.zeros_like(base)
     for d, w in zip(deltas, weights, strict=True):
         mixed.add_(d, alpha=float(w))
@@ -45,9 +71,9 @@ def combine(
         mixed.zero_()
         divisor = torch.zeros_like(base)
         for d, w in zip(deltas, weights, strict=True):
-            agree = d * sign
-            divisor.add_(agree > 0, alpha=float(w))
-            mixed.add_(agree.clamp_min_(0), alpha=float(w))
+            agree = (d * sign).clamp_min_(0)  # w · this, summed, is Σ w d over the survivors (times the sign)
+            mixed.add_(agree, alpha=float(w))
+            divisor.add_(agree.sign_(), alpha=float(w))  # 1 where the entry survives (> 0), else 0
         mixed.mul_(sign)
         divisor.add_(divisor == 0)  # an empty divisor becomes 1 (adding the bool mask is the cheap way)
     else:
@@ -121,6 +147,7 @@ class Ties(_Family):
     def whole_merge_keys(self, parameters=None):
         # with scope: global the threshold is one per expert over its whole task vector, at one density
         return self.whole_merge | ({"density"} if (parameters or {}).get("scope") == "global" else set())
+
     elect = True
 
     class Params(_Common):
@@ -160,43 +187,84 @@ class Ties(_Family):
             for step in range(2):
                 stats = self.block_stats(step, base, experts, params, ctx)
                 ctx = replace(ctx, local=self.reduce_blocks(step, [stats], ctx.local))
-        if ctx.local is not None and "trimmed" in ctx.local:  # one block: selected and trimmed already
-            return self.combine(base, ctx.local["trimmed"], params)
-        return super().merge(base, experts, params, ctx)
+        state, part = (ctx.stats, ctx.name) if params[0].scope == "global" else (ctx.local, ctx.block)
+        b = base.reshape(-1)
+        trims = [_trim(thr, *counts[part]) for thr, counts in state["keep"]]
+        flat = [e.reshape(-1) for e in experts]
 
-    def sparsify(self, delta, p, ctx, i):
-        state, part = (ctx.stats, ctx.name) if p.scope == "global" else (ctx.local, ctx.block)
-        thr, counts = state["keep"][i]
-        return delta.mul_(sp.threshold_mask(delta, thr, *counts[part]))  # delta is this merge's own: in place
+        def delta(i, s):  # τ of expert i over the slice s, trimmed to its kept entries (in place: it is new)
+            return trims[i](task_vector(flat[i][s], b[s]), s)
+
+        p0 = params[0]
+        return combine_chunks(base, delta, len(experts), [p.weight for p in params], elect=True,
+                              normalize=p0.normalize, lam=p0.lambda_)  # fmt: skip
+
+
+def _trim(thr: int, equal_keep: int, equal_total: int):
+    """An expert's trimming of one part (a tensor, or a block of one), applied to its flat slices in order:
+    keep the magnitudes whose pattern is ≥ ``thr``, and of those equal to it (a tie at the k-th magnitude)
+    only the first ``equal_keep`` in flat order."""
+    if thr <= 0:  # every magnitude's pattern is ≥ thr (and dropping a zero changes no sum)
+        return lambda d, s: d
+    if thr == NOTHING:
+        return lambda d, s: d.zero_()
+    # |d| ≥ the float of pattern thr ⟺ |d| > the float just below it: hardshrink's rule, in one fused pass
+    below = torch.tensor([thr - 1], dtype=torch.int32).view(torch.float32).item()
+    if equal_keep == equal_total:
+        return lambda d, s: torch.nn.functional.hardshrink(d, below)
+    seen = 0  # entries equal to the threshold in the slices before this one
+
+    def trim(d, s):
+        nonlocal seen
+        equal = torch.nonzero(sp.magnitude_bits(d) == thr).reshape(-1)
+        kept = torch.nn.functional.hardshrink(d, below)
+        kept[equal[max(0, equal_keep - seen) :]] = 0
+        seen += equal.numel()
+        return kept
+
+    return trim
+
+
+def _top_bits(expert, base) -> torch.Tensor:
+    """The top 16 bits of |τ|'s fp32 patterns (``sparsify.top_bits``), τ computed chunk by chunk."""
+    e, b = expert.reshape(-1), base.reshape(-1)
+    out = torch.empty(b.numel(), dtype=torch.int16)
+    for start in range(0, b.numel(), CHUNK):
+        s = slice(start, start + CHUNK)
+        out[s] = sp.top_bits(task_vector(e[s], b[s]))
+    return out
+
+
+def _bin_values(expert, base, top: torch.Tensor, b: int) -> torch.Tensor:
+    """The patterns of |τ| in bin ``b`` (flat order), τ computed only where it falls there."""
+    at = torch.nonzero(top == b).reshape(-1)
+    return sp.magnitude_bits(task_vector(expert.reshape(-1)[at], base.reshape(-1)[at]))
 
 
 def _selection_stats(step: int, base, experts, params, state):
     """Pass 0: per expert, the histogram of |τ|'s top float bits; pass 1: the values in the boundary bin."""
-    deltas = [task_vector(e, base) for e in experts]
     if step == 0:
-        return [(sp.bit_histogram(d), d.numel(), p.density) for d, p in zip(deltas, params, strict=True)]
-    return [sp.bin_values(d, b) for d, (b, _) in zip(deltas, state["bins"], strict=True)]
+        return [(torch.bincount(_top_bits(e, base), minlength=sp.BINS), base.numel(), p.density)
+                for e, p in zip(experts, params, strict=True)]  # fmt: skip
+    return [_bin_values(e, base, _top_bits(e, base), b) for e, (b, _) in zip(experts, state["bins"], strict=True)]
 
 
 def _one_block_selection(base, experts, params) -> dict:
-    """Both selection passes on one whole tensor, computing each expert's τ and |τ| bits once; the
-    trimmed task vectors are kept for the merge pass (they are what it needs)."""
-    keep, trimmed = [], []
+    """Both selection passes on one whole tensor, computing each expert's |τ| bits once."""
+    keep = []
     for e, p in zip(experts, params, strict=True):
-        delta = task_vector(e, base)
-        bits = sp.magnitude_bits(delta)
-        n, k = bits.numel(), int(p.density * bits.numel())
+        n, k = base.numel(), int(p.density * base.numel())
         if k <= 0:
             thr, equal = NOTHING, (0, 0)
         elif k >= n:
             thr, equal = EVERYTHING, (0, 0)
         else:
-            b, need = sp.boundary_bin(sp.bit_histogram(delta), k)
-            thr, counts = sp.global_threshold([sp.bin_values(delta, b)], need)
+            top = _top_bits(e, base)
+            b, need = sp.boundary_bin(torch.bincount(top, minlength=sp.BINS), k)
+            thr, counts = sp.global_threshold([_bin_values(e, base, top, b)], need)
             equal = counts[0]
         keep.append((thr, {0: equal}))
-        trimmed.append(delta.mul_(sp.bits_mask(bits, thr, *equal).reshape(delta.shape)))
-    return {"keep": keep, "trimmed": trimmed}
+    return {"keep": keep}
 
 
 def _select(step: int, parts: dict, previous):
