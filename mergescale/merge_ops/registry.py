@@ -113,6 +113,11 @@ class Method:
         """Combine pass ``step``'s per-tensor statistics (keyed by tensor name) into the new state."""
         raise NotImplementedError
 
+    def describe(self, state: Any) -> dict | None:
+        """What the statistics passes found (``state``: the last reduce's result), as JSON for the model
+        card; None records nothing."""
+        return None
+
     # ---- streaming one tensor in blocks of rows (bounded memory for big tensors)
 
     def rowwise(self, params: list[MethodParams]) -> bool:
@@ -143,5 +148,3 @@ def register(cls: type[Method]) -> type[Method]:
         raise RuntimeError(f"bug: merge method {cls.name!r} registered twice")
     METHODS[cls.name] = cls
     return cls
-
-

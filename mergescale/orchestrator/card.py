@@ -21,7 +21,15 @@ def _fit_card(fit) -> list[str]:
     return lines
 
 
-def model_card(plan: MergePlan, shards: list[ShardInfo], fit=None) -> str:
+def _stats_card(stats: dict | None) -> list[str]:
+    """The model card's account of what the method's statistics passes found (e.g. AWD's fit)."""
+    if stats is None:
+        return []
+    return ["## Statistics passes", "", "What the method computed over the whole model before merging:", "",
+            "```json", json.dumps(stats, indent=1, sort_keys=True), "```", ""]  # fmt: skip
+
+
+def model_card(plan: MergePlan, shards: list[ShardInfo], fit=None, stats: dict | None = None) -> str:
     spec = plan.spec
     lines = [
         "---",
@@ -47,6 +55,7 @@ def model_card(plan: MergePlan, shards: list[ShardInfo], fit=None) -> str:
         "```",
         "",
         *_fit_card(fit),
+        *_stats_card(stats),
         "## Shards (sha256)",
         "",
         *[f"- `{s.file}`: `{s.sha256}`" for s in shards],

@@ -65,8 +65,11 @@ def _runner(local: bool | None, address: str | None, device: str, workers: int |
     return RayRunner(address=address, device=device, workers=workers)
 
 
-def run_shards(plan: MergePlan, staging: Path, runner, *, progress: bool = True, state=None) -> list[ShardResult]:
-    """Statistics passes (if the method has them), reduced on the driver, then every shard's merge."""
+def run_shards(
+    plan: MergePlan, staging: Path, runner, *, progress: bool = True, state=None
+) -> tuple[list[ShardResult], object]:
+    """Statistics passes (if the method has them), reduced on the driver, then every shard's merge.
+    Returns the shards' results and the statistics state the merge used."""
     method = get_method(plan.spec.method)
     started = time.perf_counter()
     for step in range(method.stats_passes(whole_merge_params(plan))):
@@ -84,7 +87,7 @@ def run_shards(plan: MergePlan, staging: Path, runner, *, progress: bool = True,
             rate = done_bytes / 1e9 / max(time.perf_counter() - started, 1e-9)
             bar.update(job, advance=1, rate=f"{rate:.2f} GB/s" if rate >= 1 else f"{rate * 1000:.0f} MB/s")
 
-        return runner.merge(plan, staging, state, on_done)
+        return runner.merge(plan, staging, state, on_done), state
 
 
 def run_merge(
@@ -127,13 +130,15 @@ def run_merge(
                                   address=address, device=device)  # fmt: skip
         runner = _runner(local, address, device, workers)
         merge_started = time.perf_counter()
-        results = run_shards(plan, staging, runner, progress=progress, state=fit.state() if fit else None)
+        results, state = run_shards(plan, staging, runner, progress=progress, state=fit.state() if fit else None)
+        stats = get_method(spec.method).describe(state)  # e.g. AWD's fit; None for most methods
         seconds = time.perf_counter() - merge_started
         shards = [r.info for r in results]
         tokenizer_from = plan.sources[0] if spec.tokenizer == "base" else plan.experts[int(spec.tokenizer)]
         if fit is not None:
             (staging / "fit.json").write_text(json.dumps(fit.record(), indent=1, sort_keys=True) + "\n")
-        publish(staging, out, shards, plan.config, tokenizer_from, model_card(plan, shards, fit), plan.sources[0])
+        card = model_card(plan, shards, fit, stats)
+        publish(staging, out, shards, plan.config, tokenizer_from, card, plan.sources[0])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
