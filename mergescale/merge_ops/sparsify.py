@@ -30,17 +30,19 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Drop the largest ``gamma`` fraction (outliers) and the smallest, so that ``int(density*n)`` remain."""
+    """Drop the largest ``gamma`` fraction (outliers) and the smallest, so that ``int(density*n)`` remain.
+    Equal magnitudes at a cut fall where torch's default (unstable) CPU sort of the fp32 magnitudes
+    puts them, the sort mergekit's ``magnitude_outliers`` runs: same input, same mask as mergekit."""
     n = x.numel()
     keep = int(density * n)
     if keep >= n:
         return torch.ones_like(x, dtype=torch.bool)
     n_top = int(gamma * n)
     n_bottom = max(0, n - keep - n_top)
-    order = torch.sort(x.abs().reshape(-1), stable=True).indices
+    order = torch.sort(x.abs().reshape(-1).float().cpu()).indices
     mask = torch.zeros(n, dtype=torch.bool)
     mask[order[n_bottom : n_bottom + keep]] = True
-    return mask.reshape(x.shape)
+    return mask.reshape(x.shape).to(x.device)
 
 
 def bernoulli_probs(x: torch.Tensor, density: float) -> torch.Tensor:
