@@ -20,7 +20,7 @@ from mergescale.fit.divmerge import DivMerge, divergences
 from mergescale.fit.method import ExpertData, FitInputs
 from mergescale.fit.model import Batch, TaskVectors, load_module, pad_id, read_tensors, weight_names
 from mergescale.fit.regmean import regmean
-from mergescale.fit.slta import SLTA
+from mergescale.fit.slta import SLTA, non_linearity_score, projection_distance
 from mergescale.specs import MergeSpec
 
 MERGESCALE = Path(sys.executable).parent / "mergescale"
@@ -138,7 +138,7 @@ def test_slta_recovers_the_coefficients_of_a_model_exactly_linear_in_them(tiny_z
         expected = torch.linalg.solve(A[i] + rho * torch.eye(2, dtype=torch.float64), b[i])
         got = torch.tensor(fit.coefficients[name.format(i)], dtype=torch.float64)
         assert torch.allclose(got, expected, rtol=1e-4), (i, got, expected)
-        assert fit.summary["submodules"][f"layer {i}"]["nonlinearity"] < 1e-3  # exactly linear, up to fp32
+        assert fit.summary["submodules"][f"layer {i}"]["fit_relative_error"] < 1e-3  # exactly linear, up to fp32
     assert fit.coefficients["model.embed_tokens.weight"] == [0.5, 0.5]  # outside the blocks: λ = 1/n
     # attention and MLP apart: only the MLP moved, so its coefficients are the block's
     split = method.fit(inputs, SLTA.Params(level="attn_mlp", count=8))
@@ -148,7 +148,46 @@ def test_slta_recovers_the_coefficients_of_a_model_exactly_linear_in_them(tiny_z
     real = [_data(hf_evaluator, tmp_path, e, t, 8) for e, t in zip(_experts(tiny_zoo), TASKS, strict=True)]
     zoo_fit = method.fit(FitInputs(str(tiny_zoo.base), [str(e) for e in _experts(tiny_zoo)], real, 0, ""),
                          SLTA.Params(count=8))  # fmt: skip
-    assert max(s["nonlinearity"] for s in zoo_fit.summary["submodules"].values()) > 1e-2
+    assert max(s["fit_relative_error"] for s in zoo_fit.summary["submodules"].values()) > 1e-2
+    # the paper's diagnostics: only down_proj moved, and it is linear in its weight, so each layer, MLP
+    # and (unmoved) attention is linear along θ0 + α τt; the full model, with later layers after it, is not
+    rows = {(r["expert"], r["module"]): r for r in fit.summary["linearity"]}
+    assert len(rows) == 2 * (1 + 3 * len(layers))
+    for t in range(2):
+        for i in range(len(layers)):
+            for label in (f"layer {i}", f"layer {i} attention", f"layer {i} mlp"):
+                assert rows[t, label]["non_linearity_score"] < 1e-4, (t, label, rows[t, label])
+                assert rows[t, label]["projection_distance"] < 1e-4, (t, label, rows[t, label])
+        assert rows[t, "model"]["non_linearity_score"] > 1e-3
+    zoo_rows = zoo_fit.summary["linearity"]
+    assert {r["kind"] for r in zoo_rows} == {"model", "layer", "attention", "mlp"}
+    assert all(r["non_linearity_score"] > 0 and r["projection_distance"] > 0 for r in zoo_rows)
+    # the paper's claim, measured on this zoo (docs/ALGORITHMS.md#slta has the numbers): every kind of
+    # submodule is more linear than the full model, by both quantities
+    med = zoo_fit.summary["linearity_median"]
+    for kind in ("layer", "attention", "mlp"):
+        for q in ("non_linearity_score", "projection_distance"):
+            assert med[kind][q] < med["model"][q], (kind, q, med)
+
+
+def test_non_linearity_score_and_projection_distance_by_hand():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=gen, dtype=torch.float64)  # 7 tokens
+    w0, tau = (torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    alphas = [i / 4 for i in range(5)]
+    # a linear layer is exactly linear in its weights: both are 0
+    linear = [x @ (w0 + a * tau).T for a in alphas]
+    assert non_linearity_score(linear) < 1e-12 and projection_distance(linear) < 1e-12
+    # f(α) = (α, α²) on one token: the line is (α, α), off it by |α − α²|, ‖line‖ = α√2, chord (1, 1)
+    curve = [torch.tensor([[a, a * a]], dtype=torch.float64) for a in alphas]
+    score = [0.0] + [(a - a * a) / (a * math.sqrt(2)) for a in alphas[1:]]
+    dist = [(a - a * a) / 2 for a in alphas]
+    trapezoid = lambda v: (sum(v[1:-1]) + (v[0] + v[-1]) / 2) / 4  # noqa: E731
+    assert non_linearity_score(curve) == pytest.approx(trapezoid(score), rel=1e-12)
+    assert projection_distance(curve) == pytest.approx(trapezoid(dist), rel=1e-12)
+    # moving along the chord at an uneven pace is non-linear but on the line: distance 0, score > 0
+    pace = [torch.tensor([[a * a, 1.0]], dtype=torch.float64) for a in alphas]
+    assert projection_distance(pace) < 1e-12 and non_linearity_score(pace) > 0.05
 
 
 def test_regmean_of_one_linear_layer_is_the_closed_form():
