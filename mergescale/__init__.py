@@ -1,3 +1,3 @@
 """mergescale: merge many fine-tuned experts with many methods and evaluate them, on Ray."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -66,7 +66,7 @@ class MergeSpec(BaseModel):
 MERGEKIT: dict[str, dict[str, Any]] = {
     "linear": {"normalize": True},
     "task_arithmetic": {"normalize": False},
-    "ties": {"density": 1.0, "normalize": True},
+    "ties": {"density": 1.0, "normalize": True, "scope": "tensor"},
     "dare_linear": {"density": 1.0, "normalize": False, "rescale": "l1"},
     "dare_ties": {"density": 1.0, "normalize": False, "rescale": "l1"},
     "breadcrumbs": {"density": 1.0, "gamma": 0.01, "normalize": False},

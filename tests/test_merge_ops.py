@@ -54,6 +54,27 @@ def test_ties_trims_elects_signs_and_takes_the_disjoint_mean():
     assert torch.equal(got, torch.tensor([1.0, -2.0, 5.0, -4.0]))
 
 
+def test_dare_ties_is_dare_then_the_ties_election_and_disjoint_mean_by_hand():
+    """mergescale's dare_ties: drop each entry with probability 1 − d (the seeded masks), rescale the survivors
+    by 1/d, elect the sign of the weighted sum, average the agreeing entries over their weights; θ0 + λ·m."""
+    base = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -0.5, 0.25, 3.0])
+    taus = [torch.tensor([1.0, -2.0, 3.0, 0.5, -1.5, 2.5, -0.75, 1.25]),
+            torch.tensor([-1.0, 1.0, 2.0, -4.0, 0.5, -3.0, 1.75, -2.0])]  # fmt: skip
+    w, d, lam = [0.7, 0.4], 0.5, 0.8
+    masks = [(torch.rand(8, generator=CTX.generator(i)) < d).tolist() for i in range(2)]
+    assert all(any(m) and not all(m) for m in masks)  # some dropped, some kept: the masks matter
+    want = []
+    for j in range(8):
+        kept = [taus[i][j].item() / d if masks[i][j] else 0.0 for i in range(2)]
+        sign = 1.0 if sum(w[i] * kept[i] for i in range(2)) >= 0 else -1.0
+        agree = [i for i in range(2) if kept[i] * sign > 0]
+        total = sum(w[i] * kept[i] for i in agree)
+        want.append(base[j].item() + lam * total / (sum(w[i] for i in agree) or 1.0))
+    got = run("dare_ties", base, [base + t for t in taus], [{"weight": w[0]}, {"weight": w[1]}], density=d,
+              **{"lambda": lam})  # fmt: skip
+    assert torch.allclose(got, torch.tensor(want), rtol=0, atol=1e-6), (got, want)
+
+
 def test_topk_is_exact_with_ties_broken_by_index():
     x = torch.tensor([1.0, -3.0, 3.0, 2.0, 3.0, 0.0])
     assert sp.topk_mask(x, 0.5).tolist() == [False, True, True, False, True, False]

@@ -77,7 +77,7 @@ def _single_process(spec: MergeSpec, out: Path) -> dict[str, bytes]:
 
 CASES = {
     "task_arithmetic": {"lambda": 0.5},
-    "ties": {"density": 0.3},
+    "ties": {"density": 0.3, "scope": "tensor"},  # streamed in blocks; the default scope is global
     "ties_global": {"density": 0.3, "scope": "global"},
     "dare_ties": {"density": 0.5},
     "della": {"density": 0.5, "epsilon": 0.1},
@@ -104,7 +104,8 @@ def test_sharded_ray_merge_equals_the_single_process_merge(case, tiny_zoo, tmp_p
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "task_arithmetic"])
 def test_bytes_do_not_depend_on_workers_or_blocks(method, family, tmp_path):
     base, experts = family
-    spec = spec_of(method, base, experts, **({} if method == "task_arithmetic" else {"density": 0.4}))
+    params = {} if method == "task_arithmetic" else {"density": 0.4} | ({"scope": "tensor"} if method == "ties" else {})
+    spec = spec_of(method, base, experts, **params)
     one = run_merge(spec, tmp_path / "one", progress=False, workers=1, block_elements=1 << 30)
     two = run_merge(spec, tmp_path / "two", progress=False, workers=2, block_elements=1 << 16)
     assert (one.workers, two.workers) == (1, 2)
@@ -119,8 +120,9 @@ def test_the_in_process_runner_writes_the_bytes_of_the_ray_runner(case, family, 
     """A one-off merge without a cluster runs the same shard function in threads of this process."""
     base, experts = family
     params = {"task_arithmetic": {}, "awd": {"steps": 5}, "metagpt": {}}.get(case, {"density": 0.4})
-    spec = spec_of(case.removesuffix("_global"), base, experts, **params, **({"scope": "global"} if
-                                                                             case.endswith("_global") else {}))
+    if case.startswith("ties"):
+        params["scope"] = "global" if case.endswith("_global") else "tensor"
+    spec = spec_of(case.removesuffix("_global"), base, experts, **params)
     local = run_merge(spec, tmp_path / "local", progress=False, local=True, workers=2, block_elements=1 << 16)
     on_ray = run_merge(spec, tmp_path / "ray", progress=False, local=False, workers=2)
     assert (local.runner, on_ray.runner) == ("local", "ray")
@@ -161,7 +163,7 @@ def run_in_thread(fn):
 
 def test_killed_worker_is_retried_and_the_output_is_identical(family, tmp_path):
     base, experts = family
-    spec = spec_of("ties", base, experts, density=0.2)
+    spec = spec_of("ties", base, experts, density=0.2, scope="tensor")
     run_merge(spec, tmp_path / "undisturbed", progress=False, workers=1)
     thread, box = run_in_thread(lambda: run_merge(spec, tmp_path / "killed", progress=False, workers=1))
     killed = None
@@ -263,7 +265,8 @@ def test_bf16_experts_read_as_stored_give_the_bytes_of_upcasting_first(method, t
     """Methods with ``experts_as_stored`` skip the experts' fp32 upcast; no output bit may change."""
     small = {**SMALL, "vocab_size": 2048, "num_hidden_layers": 2}
     base, experts = write_family(tmp_path / "bf16", small, n_experts=2, dtype=torch.bfloat16)
-    spec = spec_of(method, base, experts, **({} if method == "task_arithmetic" else {"density": 0.3}))
+    params = {} if method == "task_arithmetic" else {"density": 0.3} | ({"scope": "tensor"} if method == "ties" else {})
+    spec = spec_of(method, base, experts, **params)
     assert get_method(method).experts_as_stored
     run_merge(spec, tmp_path / "ray", progress=False, workers=2, block_elements=1 << 16)
     monkeypatch.setattr(type(get_method(method)), "experts_as_stored", False)

@@ -35,6 +35,12 @@ dtype: bfloat16
     assert spec.parameters == {"density": 1.0, "normalize": False, "rescale": "l1"}
     assert spec.experts[0].parameters == {"weight": 0.5, "density": 0.4}
     assert spec.dtype == "bfloat16"
+    # TIES: mergekit trims per tensor; mergescale's own spec trims each whole task vector (the paper)
+    ties = load_merge_spec(write(tmp_path, "merge_method: ties\nbase_model: base\nmodels: [{model: a}]\n"))
+    assert ties.parameters == {"density": 1.0, "normalize": True, "scope": "tensor"}
+    from mergescale.methods import get_method
+
+    assert get_method("ties").Params().scope == "global" and get_method("ties").label(ties.parameters) == "ties tensor"
 
 
 @pytest.mark.parametrize(

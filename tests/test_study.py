@@ -37,12 +37,18 @@ def _spec(**overrides) -> StudySpec:
     return StudySpec.model_validate(raw)
 
 
+def test_ties_labels_say_the_scope_that_ran():
+    spec = _spec(methods=[{"method": "ties", "grid": {"scope": ["global", "tensor"], "density": [0.2]}},
+                          {"method": "ties", "parameters": {"scope": "tensor"}, "label": "mine"}])  # fmt: skip
+    assert {j.label for j in expand(spec, _models())} == {"ties global density=0.2", "ties tensor density=0.2", "mine"}
+
+
 def test_expansion_is_every_k_subset_times_every_grid_point_with_stable_distinct_keys(monkeypatch):
     spec = _spec(methods=[{"method": "task_arithmetic", "grid": {"lambda": [0.3, 1.0]}}, {"method": "ties"}])
     jobs = expand(spec, _models())
     assert len(jobs) == (math.comb(8, 2) + math.comb(8, 4)) * 3
     assert {j.experts for j in jobs} == {*combinations(NAMES, 2), *combinations(NAMES, 4)}
-    assert {j.label for j in jobs} == {"task_arithmetic lambda=0.3", "task_arithmetic lambda=1.0", "ties"}
+    assert {j.label for j in jobs} == {"task_arithmetic lambda=0.3", "task_arithmetic lambda=1.0", "ties global"}
     assert len({j.key for j in jobs}) == len(jobs)
     assert [j.key for j in expand(spec, _models())] == [j.key for j in jobs]  # same spec, same keys
     assert jobs[0].model_id == "task_arithmetic lambda=0.3/upper+shift1"
@@ -81,7 +87,7 @@ def test_a_seeded_sample_of_subsets_is_reproducible_and_seeds_multiply_jobs():
         ({"subsets": {"sizes": [9]}}, "subsets.sizes: 9 experts per merge, but the study has 8 experts"),
         ({"methods": [{"method": "ties", "parameters": {"density": 0.2}, "grid": {"density": [0.1]}}]},
          "methods.0: `density` is both in parameters and in grid; keep one"),
-        ({"methods": [{"method": "ties"}, {"method": "ties"}]}, "two method entries are both labelled 'ties'"),
+        ({"methods": [{"method": "ties"}, {"method": "ties"}]}, "two method entries are both labelled 'ties global'"),
         ({"methods": [{"method": "ties", "grid": {"density": []}}]}, "methods.0.grid.density: give at least one"),
     ],
 )  # fmt: skip

@@ -94,6 +94,13 @@ class Method:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    #: parameters whose value the default report label states (see :meth:`label`)
+    label_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def label(self, parameters: dict) -> str:
+        """The method's default label in a study's report, given the merge's top-level ``parameters``."""
+        return self.name
+
     def whole_merge_keys(self, parameters: dict | None = None) -> frozenset[str]:
         """The YAML keys of the parameters that are one value for the whole merge (see ``whole_merge``),
         given the merge's top-level ``parameters`` (a setting may make another one whole-merge)."""

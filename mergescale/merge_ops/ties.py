@@ -135,25 +135,30 @@ class _Common(MethodParams):
 
 @register
 class Ties(_Family):
-    """TIES.  ``scope: tensor`` trims each task vector per tensor (mergekit's choice);
-    ``scope: global`` keeps each expert's top-d magnitudes over its whole task vector (the
-    paper's).  Both select exactly (ties: lowest position first) with the same two-pass select
-    on the magnitudes' float bits — no sort: global over the model's tensors (statistics passes),
-    tensor over one tensor's blocks of rows (block passes, so big tensors stream)."""
+    """TIES.  ``scope: global`` (the default) keeps each expert's top-d magnitudes over its whole task
+    vector (the paper's); ``scope: tensor`` trims each task vector per tensor (mergekit's choice, the
+    scope of an imported mergekit YAML).  Both select exactly (ties: lowest position first) with the same
+    two-pass select on the magnitudes' float bits — no sort: global over the model's tensors (statistics
+    passes), tensor over one tensor's blocks of rows (block passes, so big tensors stream)."""
 
     name = "ties"
     whole_merge = frozenset({"scope"})
+    label_keys = frozenset({"scope"})
+
+    def label(self, parameters):  # "ties global" (the paper's trimming) or "ties tensor" (mergekit's)
+        return f"{self.name} {parameters.get('scope', self.Params.model_fields['scope'].default)}"
 
     def whole_merge_keys(self, parameters=None):
         # with scope: global the threshold is one per expert over its whole task vector, at one density
-        return self.whole_merge | ({"density"} if (parameters or {}).get("scope") == "global" else set())
+        global_ = (parameters or {}).get("scope", self.Params.model_fields["scope"].default) == "global"
+        return self.whole_merge | ({"density"} if global_ else set())
 
     elect = True
 
     class Params(_Common):
         density: float = Field(0.2, ge=0, le=1)
         normalize: bool = True
-        scope: Literal["tensor", "global"] = "tensor"
+        scope: Literal["tensor", "global"] = "global"  # the paper's; mergekit YAML imports as "tensor"
 
     def stats_passes(self, params):
         return 2 if params[0].scope == "global" else 0

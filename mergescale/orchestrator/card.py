@@ -6,6 +6,7 @@ import json
 
 import mergescale
 from mergescale.checkpoints import ShardInfo
+from mergescale.methods import get_method
 from mergescale.orchestrator.plan import MergePlan
 
 
@@ -38,7 +39,7 @@ def model_card(plan: MergePlan, shards: list[ShardInfo], fit=None, stats: dict |
         "---",
         "# Merged model",
         "",
-        f"Merged with mergescale {mergescale.__version__} using **{spec.method}**"
+        f"Merged with mergescale {mergescale.__version__} using **{get_method(spec.method).label(spec.parameters)}**"
         + (" (mergekit semantics)" if spec.semantics == "mergekit" else "") + ".",
         "",
         f"- base: `{plan.base}`" if plan.base else "- base: none",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import mergescale
 from mergescale.errors import SpecError
+from mergescale.methods import get_method
 from mergescale.orchestrator import results as store
 from mergescale.orchestrator.study_models import StudyModels
 from mergescale.specs import MergeSpec, StudySpec
@@ -71,10 +72,13 @@ def _configs(spec: StudySpec) -> list[tuple[str, str, dict]]:
             if not values:
                 raise SpecError(f"methods.{i}.grid.{k}: give at least one value")
         axes = list(m.grid)
+        method = get_method(m.method)
         for point in itertools.product(*(m.grid[a] for a in axes)):
             grid = dict(zip(axes, point, strict=True))
-            suffix = " ".join(f"{a}={_canonical(v).strip(chr(34))}" for a, v in grid.items())
-            label = " ".join(x for x in (m.label or m.method, suffix) if x)
+            # the default label states what ran (e.g. "ties global"); grid values it states are not repeated
+            shown = {a: v for a, v in grid.items() if m.label or a not in method.label_keys}
+            suffix = " ".join(f"{a}={_canonical(v).strip(chr(34))}" for a, v in shown.items())
+            label = " ".join(x for x in (m.label or method.label({**m.parameters, **grid}), suffix) if x)
             out.append((m.method, label, {**m.parameters, **grid}))
     labels = [c[1] for c in out]
     if len(set(labels)) != len(labels):
