@@ -67,25 +67,15 @@ def test_agrees_with_mergekit_on_random_models(method, family, tmp_path):
     agree(configs(family)[method], tmp_path)
 
 
-NEGATIVE_WEIGHT_ELECTION = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "with a negative weight mergescale's sign election keeps the entries whose raw τ agrees with the elected "
-        "sign, mergekit those whose weighted w·τ does (merge_ops/ties.py, _combine; docs/ALGORITHMS.md#ties)"
-    ),
-)
-
-
 @pytest.mark.parametrize(("density", "gamma", "weights"), [
     (0.8, 0.05, [1.0, 1.0, 1.0]), (0.3, 0.1, [0.7, 0.4, 1.3]),
     (0.35, 0.7, [1.0, 1.0, 1.0]),  # γ beyond 1 − density: the outlier cut shrinks to keep the density
     (0.6, 0.05, [0.7, -0.4, 1.3]),
 ])  # fmt: skip
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties", "ties"])
-def test_sparsifying_methods_agree_over_parameters(method, density, gamma, weights, family, tmp_path, request):
-    """Every cut of the kept set, across densities, γ and weights (TIES: density only)."""
-    if method != "breadcrumbs" and min(weights) < 0:
-        request.applymarker(NEGATIVE_WEIGHT_ELECTION)
+def test_sparsifying_methods_agree_over_parameters(method, density, gamma, weights, family, tmp_path):
+    """Every cut of the kept set, across densities, γ and weights (TIES: density only); a negative weight
+    elects on the weighted value w·τ', as mergekit does."""
     models = [{"model": str(family.experts[n]), "parameters": {"weight": w}}
               for n, w in zip(EXPERTS, weights, strict=False)]  # fmt: skip
     if method == "ties":

@@ -65,17 +65,19 @@ def _combine(base, deltas, weights, elect: bool, normalize: bool, lam: float) ->
     for d, w in zip(deltas, weights, strict=True):
         mixed.add_(d, alpha=float(w))
     if elect:
-        # an entry survives where its sign agrees with the elected one: d · sign > 0.  Summing
-        # w · max(d · sign, 0) and multiplying by the sign once gives Σ w d over the survivors exactly.
+        # an entry survives where its weighted value agrees with the elected sign: w · d · sign > 0 (for
+        # w ≥ 0: d · sign > 0; for w < 0: d · sign < 0).  Summing w · max(d · sign, 0) (w < 0: min) and
+        # multiplying by the sign once gives Σ w d over the survivors exactly.
         sign = torch.ones_like(mixed).copysign_(mixed)  # +1 where Σ ≥ 0 (it is never -0.0), else -1
         mixed.zero_()
         divisor = torch.zeros_like(base)
         for d, w in zip(deltas, weights, strict=True):
-            agree = (d * sign).clamp_min_(0)  # w · this, summed, is Σ w d over the survivors (times the sign)
-            mixed.add_(agree, alpha=float(w))
-            divisor.add_(agree.sign_(), alpha=float(w))  # 1 where the entry survives (> 0), else 0
+            w = float(w)
+            agree = (d * sign).clamp_min_(0) if w >= 0 else (d * sign).clamp_max_(0)
+            mixed.add_(agree, alpha=w)
+            divisor.add_(agree.sign_(), alpha=abs(w))  # w where the entry survives (sign ±1 by w's sign), else 0
         mixed.mul_(sign)
-        divisor.add_(divisor == 0)  # an empty divisor becomes 1 (adding the bool mask is the cheap way)
+        divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)  # an empty (or vanishing) divisor becomes 1
     else:
         total = sum(float(w) for w in weights)
         divisor = total if abs(total) >= 1e-8 else 1.0
