@@ -152,7 +152,8 @@ def test_a_bad_method_parameter_fails_before_anything_is_written(tiny_zoo, tmp_p
     from mergescale.orchestrator.study import run_study
 
     path = _write_study(tmp_path, methods=[{"method": "ties", "parameters": {"densty": 0.2}}])
-    with pytest.raises(MergescaleError, match=r"^methods \(ties, 2 experts\): unknown parameter `densty` for method"):
+    want = r"^methods \(ties global, 2 experts\): unknown parameter `densty` for method"
+    with pytest.raises(MergescaleError, match=want):
         run_study(load_study_spec(path), path, progress=False)
     assert not (tmp_path / "res").exists()
 
@@ -183,7 +184,9 @@ def test_a_study_runs_merges_and_evaluations_and_its_rows_are_normalized(tiny_zo
     assert refs[("expert:upper", "zoo_upper")] > 0.9 and refs[("base", "zoo_copy")] > 0.9
     merges = [r for r in rows if r["job_kind"] == store.MERGE]
     assert {r["model"] for r in merges} == {
-        f"{m}/{a}+{b}" for m in ("task_arithmetic", "ties") for a, b in combinations(["upper", "rot13", "digit"], 2)
+        f"{m}/{a}+{b}"
+        for m in ("task_arithmetic", "ties global")
+        for a, b in combinations(["upper", "rot13", "digit"], 2)
     }
     for r in merges:
         if r["kind"] == "score" and r["metric"] == "exact_match":
@@ -267,7 +270,8 @@ def test_a_killed_driver_loses_only_jobs_in_flight_and_a_rerun_completes_the_stu
     assert not list(res.rglob(".*.tmp-*"))
     assert not any((res / store.MODELS).iterdir())  # keep_models false: merged models deleted once evaluated
     # one-expert "merges" at lambda 0.5 and the experts' own scores: the pipeline is consistent end to end
-    solo = [r for r in rows if r["model"] == "ties/upper" and r["task"] == "(held-in)" and r["metric"] == "exact_match"]
+    solo = [r for r in rows
+            if r["model"] == "ties global/upper" and r["task"] == "(held-in)" and r["metric"] == "exact_match"]
     assert len(solo) == 1 and solo[0]["normalized"] > 0.5
 
     third = subprocess.run([str(MERGESCALE), "study", "run", str(path), "--quiet"], env=env, capture_output=True,
@@ -299,5 +303,5 @@ def test_a_study_runs_unchanged_as_the_entrypoint_of_a_ray_job_on_a_two_node_clu
     finally:
         cluster.shutdown()
     rows = store.read_results(tmp_path / "res").to_pylist()
-    assert {r["model"] for r in rows if r["job_kind"] == store.MERGE} == {"ties/upper+rot13", "ties/upper+digit",
-                                                                          "ties/rot13+digit"}  # fmt: skip
+    assert {r["model"] for r in rows if r["job_kind"] == store.MERGE} == {
+        "ties global/upper+rot13", "ties global/upper+digit", "ties global/rot13+digit"}  # fmt: skip
