@@ -107,8 +107,9 @@ def top_bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int16)[1::2] & 0x7FFF
 
 
-def bit_histogram(x: torch.Tensor) -> torch.Tensor:
-    return torch.bincount(top_bits(x), minlength=BINS)
+def bit_histogram(top: torch.Tensor) -> torch.Tensor:
+    """Counts per bin of magnitudes' top bits (:func:`top_bits`)."""
+    return torch.bincount(top, minlength=BINS)
 
 
 def boundary_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -117,12 +118,6 @@ def boundary_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     b = int(torch.nonzero(from_top >= k).max())
     above = int(from_top[b + 1]) if b + 1 < len(hist) else 0
     return b, k - above
-
-
-def bin_values(x: torch.Tensor, b: int) -> torch.Tensor:
-    """The bit patterns of ``x``'s magnitudes that fall in bin ``b`` (in flat-index order)."""
-    at = torch.nonzero(top_bits(x) == b).reshape(-1)  # few: gathering by index beats a boolean mask
-    return x.to(torch.float32).reshape(-1).view(torch.int32)[at] & 0x7FFFFFFF
 
 
 def global_threshold(per_tensor: list[torch.Tensor], need: int) -> tuple[int, list[tuple[int, int]]]:
@@ -139,17 +134,3 @@ def global_threshold(per_tensor: list[torch.Tensor], need: int) -> tuple[int, li
         counts.append((here, total))
         equal_kept -= here
     return thr, counts
-
-
-def threshold_mask(x: torch.Tensor, thr: int, equal_keep: int, equal_total: int) -> torch.Tensor:
-    return bits_mask(magnitude_bits(x), thr, equal_keep, equal_total).reshape(x.shape)
-
-
-def bits_mask(bits: torch.Tensor, thr: int, equal_keep: int, equal_total: int) -> torch.Tensor:
-    """Keep patterns above ``thr`` and the first ``equal_keep`` of the ``equal_total`` equal to it (flat order)."""
-    if equal_keep == equal_total:  # the usual case: no tie to break at the threshold
-        return bits >= thr
-    mask = bits > thr
-    if equal_keep > 0:
-        mask[torch.nonzero(bits == thr).reshape(-1)[:equal_keep]] = True
-    return mask

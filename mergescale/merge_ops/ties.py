@@ -200,7 +200,7 @@ class Ties(_Family):
         flat = [e.reshape(-1) for e in experts]
 
         def delta(i, s):  # τ of expert i over the slice s, trimmed to its kept entries (in place: it is new)
-            return trims[i](task_vector(flat[i][s], b[s]), s)
+            return trims[i](task_vector(flat[i][s], b[s]))
 
         p0 = params[0]
         return combine_chunks(base, delta, len(experts), [p.weight for p in params], elect=True,
@@ -212,16 +212,16 @@ def _trim(thr: int, equal_keep: int, equal_total: int):
     keep the magnitudes whose pattern is ≥ ``thr``, and of those equal to it (a tie at the k-th magnitude)
     only the first ``equal_keep`` in flat order."""
     if thr <= 0:  # every magnitude's pattern is ≥ thr (and dropping a zero changes no sum)
-        return lambda d, s: d
+        return lambda d: d
     if thr == NOTHING:
-        return lambda d, s: d.zero_()
+        return lambda d: d.zero_()
     # |d| ≥ the float of pattern thr ⟺ |d| > the float just below it: hardshrink's rule, in one fused pass
     below = torch.tensor([thr - 1], dtype=torch.int32).view(torch.float32).item()
     if equal_keep == equal_total:
-        return lambda d, s: torch.nn.functional.hardshrink(d, below)
+        return lambda d: torch.nn.functional.hardshrink(d, below)
     seen = 0  # entries equal to the threshold in the slices before this one
 
-    def trim(d, s):
+    def trim(d):
         nonlocal seen
         equal = torch.nonzero(sp.magnitude_bits(d) == thr).reshape(-1)
         kept = torch.nn.functional.hardshrink(d, below)
@@ -251,7 +251,7 @@ def _bin_values(expert, base, top: torch.Tensor, b: int) -> torch.Tensor:
 def _selection_stats(step: int, base, experts, params, state):
     """Pass 0: per expert, the histogram of |τ|'s top float bits; pass 1: the values in the boundary bin."""
     if step == 0:
-        return [(torch.bincount(_top_bits(e, base), minlength=sp.BINS), base.numel(), p.density)
+        return [(sp.bit_histogram(_top_bits(e, base)), base.numel(), p.density)
                 for e, p in zip(experts, params, strict=True)]  # fmt: skip
     return [_bin_values(e, base, _top_bits(e, base), b) for e, (b, _) in zip(experts, state["bins"], strict=True)]
 
@@ -267,7 +267,7 @@ def _one_block_selection(base, experts, params) -> dict:
             thr, equal = EVERYTHING, (0, 0)
         else:
             top = _top_bits(e, base)
-            b, need = sp.boundary_bin(torch.bincount(top, minlength=sp.BINS), k)
+            b, need = sp.boundary_bin(sp.bit_histogram(top), k)
             thr, counts = sp.global_threshold([_bin_values(e, base, top, b)], need)
             equal = counts[0]
         keep.append((thr, {0: equal}))
