@@ -306,6 +306,43 @@ def test_ties_keeps_the_exact_top_k_when_ties_at_the_threshold_span_the_chunks(s
     assert torch.equal(got != 0, want & (e != 0)) and torch.equal(got[want], e[want])
 
 
+def test_ties_float_only_divisor_floor_is_the_comparison_exactly():
+    """_below stands in for `torch.where(x.abs() < c, 1, 0)` (bool kernels are slow on CPU): the same values
+    at, just below and just above c, at ±0, far away and at NaN."""
+    from mergescale.merge_ops.ties import _TINY, _below
+
+    c = torch.tensor(_TINY)
+    near = torch.stack([c, c.nextafter(torch.tensor(0.0)), c.nextafter(torch.tensor(1.0))])
+    x = torch.cat([near, -near, torch.tensor([0.0, -0.0, 1e-30, 3.0, -1e30, 3e38, float("nan")])])
+    want = torch.where(x.abs() < 1e-8, 1.0, 0.0)
+    want[-1] = float("nan")
+    assert torch.equal(_below(x, _TINY)[:-1], want[:-1]) and _below(x, _TINY)[-1].isnan()
+
+
+@pytest.mark.parametrize("weights", [[0.3, 0.3, 0.3], [0.7, 0.0, 1e-3], [1.0, -1.0, 0.5], [1e-9, 0.4, 0.4]])
+def test_ties_combine_is_the_elected_disjoint_mean(weights):
+    """combine against the formula written directly (the sign of Σ w τ, entries whose w τ agrees, the
+    mean over their weights, an empty divisor read as 1), on task vectors with many zeros so that some
+    elements keep nothing; the clamp shortcut for non-cancelling weights gives the general path's bytes."""
+    from mergescale.merge_ops.ties import _combine, combine
+
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(5000, generator=g)
+    taus = [torch.randn(5000, generator=g) * (torch.rand(5000, generator=g) < 0.4) for _ in weights]
+    w = torch.tensor(weights).reshape(-1, 1)
+    t = torch.stack(taus)
+    sign = torch.where((w * t).sum(0) >= 0, 1.0, -1.0)
+    agree = (w * t * sign) > 0
+    divisor = (w * agree).sum(0)
+    divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
+    want = base + 0.8 * (w * t * agree).sum(0) / divisor
+    got = combine(base, taus, weights, elect=True, normalize=True, lam=0.8)
+    assert (divisor == 1).any() and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    if all(x >= 1e-8 or x == 0 for x in weights):
+        general = _combine(base, taus, [float(x) for x in weights], True, True, 0.8, disjoint=False)
+        assert torch.equal(got, general)
+
+
 def test_awd_lowers_the_mean_absolute_cosine():
     from mergescale.merge_ops.awd import fit_delta, mean_abs_cos
 

@@ -29,12 +29,23 @@ def task_arithmetic(
     """
     if len(experts) != len(weights):
         raise RuntimeError(f"bug: task_arithmetic got {len(experts)} experts but {len(weights)} weights")
-    base32 = base.to(torch.float32)
-    delta = torch.zeros_like(base32)
-    diff = torch.empty_like(base32)  # one scratch buffer: no fresh allocation per expert
-    for expert, w in zip(experts, weights, strict=True):
-        delta.add_(task_vector(expert, base32, out=diff), alpha=float(w))
-    return delta.mul_(lam).add_(base32).to(base.dtype)
+    base32 = base.to(torch.float32).reshape(-1)
+    flat = [e.reshape(-1) for e in experts]
+    out = torch.empty_like(base32)
+    # chunk by chunk, so that a chunk's sum and task vector stay in cache between the passes (the benchmark
+    # merge's shards: 2.9 → 2.6 s on 2 threads); elementwise, so the chunk size changes no byte
+    diff = torch.empty(min(CHUNK, base32.numel()))  # one scratch buffer: no fresh allocation per expert
+    for start in range(0, base32.numel(), CHUNK):
+        b = base32[start : start + CHUNK]
+        delta = out[start : start + CHUNK].zero_()
+        for expert, w in zip(flat, weights, strict=True):
+            delta.add_(task_vector(expert[start : start + CHUNK], b, out=diff[: b.numel()]), alpha=float(w))
+        delta.mul_(lam).add_(b)
+    return out.reshape(base.shape).to(base.dtype)
+
+
+#: elements per elementwise pass: a chunk's fp32 operands stay in a core's cache (see ``ties.CHUNK``)
+CHUNK = 1 << 17
 
 
 @register

@@ -34,12 +34,13 @@ class LocalRunner:
             raise SpecError(f"--workers {workers}: need at least 1")
         self.workers = workers or (2 if self.device == "cuda" else (os.cpu_count() or 1))
 
-    def _map(self, fn, count: int, on_done=None) -> list:
-        """``fn(i)`` for every shard index, ``workers`` at a time; results in shard order.  The first error
-        stops the run: shards not started are dropped, running ones finish, then it is raised."""
-        results: list = [None] * count
+    def _map(self, fn, order: list[int], on_done=None) -> list:
+        """``fn(i)`` for every shard index, started in ``order``, ``workers`` at a time; results in shard
+        order.  The first error stops the run: shards not started are dropped, running ones finish, then it
+        is raised."""
+        results: list = [None] * len(order)
         with pinned_threads(), ThreadPoolExecutor(self.workers, thread_name_prefix="shard") as pool:
-            pending = {pool.submit(fn, i): i for i in range(count)}
+            pending = {pool.submit(fn, i): i for i in order}
             try:
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -55,7 +56,7 @@ class LocalRunner:
         return results
 
     def stats(self, plan: MergePlan, step: int, state) -> list[dict]:
-        return self._map(lambda i: shard_stats(plan, i, step, state, self.device), len(plan.shards))
+        return self._map(lambda i: shard_stats(plan, i, step, state, self.device), plan.schedule())
 
     def merge(self, plan: MergePlan, staging, state, on_done) -> list[ShardResult]:
         def one(i: int) -> ShardResult:
@@ -66,4 +67,4 @@ class LocalRunner:
                     f"shard {plan.shards[i].label}: out of memory; lower --workers (now {self.workers})"
                 ) from None
 
-        return self._map(one, len(plan.shards), on_done)
+        return self._map(one, plan.schedule(), on_done)

@@ -24,7 +24,7 @@ from mergescale.methods import get_method
 from mergescale.specs import MergeSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BLOCK_ELEMENTS = 1 << 20  # 8 MB of fp32 per input and block
+BLOCK_ELEMENTS = 1 << 22  # 16 MB of fp32 per input and block
 #: float dtypes a merge computes from (upcast to fp32): quantized ones (fp8, fp4, e8m0 scales) are refused
 _MERGEABLE = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
 _ARCH_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -54,6 +54,12 @@ class MergePlan:
     @property
     def sources(self) -> list[Path]:
         return ([self.base] if self.base else []) + self.experts
+
+    def schedule(self) -> list[int]:
+        """Shard indices in the order to start them: largest input first (ties in shard order), so that no
+        big shard (the embeddings, the head) starts last while the other workers have run dry.  Only the
+        start order: every shard is written by itself, so the bytes never depend on it."""
+        return sorted(range(len(self.shards)), key=lambda i: -self.shards[i].input_bytes)
 
 
 def open_models(paths, allow_pickle: bool) -> list[ModelDir]:

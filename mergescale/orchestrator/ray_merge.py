@@ -104,16 +104,18 @@ class RayRunner:
             self._plan = (plan, ray.put(plan))
         return self._plan[1]
 
-    def _run(self, submit, labels: list[str], on_done=None) -> list:
-        """Run ``submit(i)`` for every shard with at most ``workers`` in flight; results in shard order."""
+    def _run(self, submit, plan: MergePlan, on_done=None) -> list:
+        """Run ``submit(i)`` for every shard, started in ``plan.schedule()`` order with at most ``workers`` in
+        flight; results in shard order."""
+        labels = [s.label for s in plan.shards]
         results: list = [None] * len(labels)
         pending: dict = {}
-        next_index = 0
+        order = plan.schedule()
         try:
-            while next_index < len(labels) or pending:
-                while next_index < len(labels) and len(pending) < self.workers:
-                    pending[submit(next_index)] = next_index
-                    next_index += 1
+            while order or pending:
+                while order and len(pending) < self.workers:
+                    i = order.pop(0)
+                    pending[submit(i)] = i
                 done, _ = ray.wait(list(pending), num_returns=1)
                 index = pending.pop(done[0])
                 try:
@@ -133,11 +135,9 @@ class RayRunner:
     def stats(self, plan: MergePlan, step: int, state) -> list[dict]:
         plan_ref, state_ref = self._plan_ref(plan), ray.put(state)
         task = _stats_task.options(**self.opts)
-        return self._run(lambda i: task.remote(plan_ref, i, step, state_ref, self.device),
-                         [s.label for s in plan.shards])  # fmt: skip
+        return self._run(lambda i: task.remote(plan_ref, i, step, state_ref, self.device), plan)
 
     def merge(self, plan: MergePlan, staging, state, on_done) -> list[ShardResult]:
         plan_ref, state_ref = self._plan_ref(plan), ray.put(state)
         task = _merge_task.options(**self.opts)
-        return self._run(lambda i: task.remote(plan_ref, i, str(staging), state_ref, self.device),
-                         [s.label for s in plan.shards], on_done)  # fmt: skip
+        return self._run(lambda i: task.remote(plan_ref, i, str(staging), state_ref, self.device), plan, on_done)
