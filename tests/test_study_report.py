@@ -395,3 +395,31 @@ def test_stores_pool_only_when_their_reference_models_agree(tmp_path):
         results.read_unit(c, results.REFERENCES, "base")))  # fmt: skip
     with pytest.raises(MergescaleError, match=rf"^{re.escape(str(b))}: reference model base has weights "):
         write_report(b, tmp_path / "refused")
+
+
+def test_the_data_driven_benchmark_table_quotes_the_reports_numbers(store):
+    """benchmarks/data_driven.py prints the leaderboard's ANP and expert-bootstrap interval per size (not a
+    t-interval of its own), in the leaderboard's order."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _ = store
+    script = Path(__file__).parent.parent / "benchmarks" / "data_driven.py"
+    res = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    board = leaderboard(results.read_results(path))
+    table = rows[: len(board)]
+    assert [r.split(" | ")[0][2:] for r in table] == [b["label"] for b in board]
+    for line, b in zip(table, board, strict=True):
+        cells = line.split(" | ")[1:3]
+        for cell, n in zip(cells, (2, 4), strict=True):
+            got = b["by_n"][n]
+            if got["anp"] is None:
+                assert cell == "–"
+                continue
+            want = f"{100 * got['anp']:.1f}"
+            if got["interval"]:
+                want += f" [{100 * got['interval'][0]:.1f}, {100 * got['interval'][1]:.1f}]"
+            assert cell == want
