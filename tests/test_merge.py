@@ -289,6 +289,14 @@ def _nan(t):
     t[Q][0, 0] = float("nan")
 
 
+def _inf(t):
+    t[Q][3, 5] = float("-inf")
+
+
+def _method(method: str, base: Path | None, *experts, **parameters) -> dict:
+    return {**ties(base, *experts, **parameters), "method": method}
+
+
 #: bad input -> (base, expert, tmp) -> (the spec, or its YAML text; the error; what its message names)
 BAD_INPUTS = {
     "missing-model-dir": lambda b, e, tmp: (
@@ -323,6 +331,17 @@ BAD_INPUTS = {
     "nan": lambda b, e, tmp: (
         ties(b, copy_model(e, tmp / "nan", edit=_nan)), ModelError,
         f"{tmp / 'nan' / 'model.safetensors'}: tensor {Q} holds NaN or Inf"),
+    # task arithmetic and linear too: an Inf, a NaN in an expert of weight 0, an Inf in the base
+    "inf-task-arithmetic": lambda b, e, tmp: (
+        _method("task_arithmetic", b, copy_model(e, tmp / "inf", edit=_inf)), ModelError,
+        f"{tmp / 'inf' / 'model.safetensors'}: tensor {Q} holds NaN or Inf"),
+    "nan-linear-weight-0": lambda b, e, tmp: (
+        {"method": "linear", "experts": [str(b), {"model": str(copy_model(e, tmp / "nan", edit=_nan)),
+                                                  "parameters": {"weight": 0.0}}]}, ModelError,
+        f"{tmp / 'nan' / 'model.safetensors'}: tensor {Q} holds NaN or Inf"),
+    "inf-in-the-base": lambda b, e, tmp: (
+        _method("task_arithmetic", copy_model(b, tmp / "infbase", edit=_inf), e), ModelError,
+        f"{tmp / 'infbase' / 'model.safetensors'}: tensor {Q} holds NaN or Inf"),
 }  # fmt: skip
 
 
