@@ -17,8 +17,12 @@ import torch
 
 from mergescale.eval.backend import Backend
 
-#: on a CPU host vLLM reserves this fraction of the NUMA node's memory for the KV cache
-CPU_MEMORY_FRACTION = 0.1
+#: the KV cache of a CPU engine, in bytes (vLLM's ``VLLM_CPU_KVCACHE_SPACE``, in GiB, overrides it).  A fixed
+#: size, not vLLM's default of a fraction of the NUMA node's memory minus the worker's RSS: that budget
+#: depends on the host and is negative where the node is small (a 24 GB VM whose node 0 reports 8.6 GB:
+#: 0.86 GB requested, 0.87 GB already resident, the engine refused to start).  1 GiB holds ~500 k tokens
+#: of a zoo model (fp32, 4 layers, one 64-wide KV head: 2 KiB per token).
+CPU_KV_CACHE_BYTES = 1 << 30
 GPU_MEMORY_FRACTION = 0.85
 
 
@@ -49,7 +53,11 @@ class VLLMBackend(Backend):
             max_logprobs=-1,
             trust_remote_code=self.trust_remote_code,
             use_tqdm_on_load=False,  # no "Loading safetensors checkpoint shards" bar at start and on every swap
-            gpu_memory_utilization=CPU_MEMORY_FRACTION if self.device == "cpu" else GPU_MEMORY_FRACTION,
+            **(
+                {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+                if self.device == "cpu"
+                else {"gpu_memory_utilization": GPU_MEMORY_FRACTION}
+            ),
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
