@@ -18,10 +18,25 @@ def _zoo_build(args: argparse.Namespace) -> int:
     from mergescale.zoo.build import build_zoo, preset_spec
     from mergescale.zoo.report import print_scores
 
-    zoo = build_zoo(preset_spec(args.preset, seed=args.seed), out=args.out, progress=not args.quiet)
-    print_scores(zoo)
-    print(zoo.root, file=console.stdout())
+    presets, bases = _list(args.preset), _list(args.base)
+    bad = next((s for s in _list(args.seed) if not s.lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise SpecError(f"--seed: {bad!r} is not an integer")
+    seeds = [int(s) for s in _list(args.seed)]
+    for preset, base in [(p, b) for p in presets for b in bases]:
+        preset_spec(preset, base=base)  # every member's name is checked before the first is built
+    members = [(p, b, s) for p in presets for s in seeds for b in bases]
+    if args.out is not None and len(members) > 1:
+        raise SpecError("--out: a family of several members is built into the cache; drop --out or name one member")
+    for preset, base, seed in members:  # every preset's pretrained member before its instruct one (which reuses it)
+        zoo = build_zoo(preset_spec(preset, seed=seed, base=base), out=args.out, progress=not args.quiet)
+        print_scores(zoo)
+        print(zoo.root, file=console.stdout())
     return 0
+
+
+def _list(value: str) -> list[str]:
+    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def _zoo_show(args: argparse.Namespace) -> int:
@@ -148,9 +163,10 @@ def parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="build and inspect the synthetic expert zoo")
     zsub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
     b = zsub.add_parser("build", help="build (or reuse from the cache) a zoo of a base and its experts")
-    b.add_argument("--preset", choices=("tiny", "small"), default="tiny")
+    b.add_argument("--preset", default="tiny", help="tiny, small, or the scale family's xs, s, m, l (comma-separated)")
+    b.add_argument("--base", default="pretrained", help="scale family: pretrained, instruct (comma-separated)")
     b.add_argument("--out", type=Path, default=None, help="zoo directory (default: the cache)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", default="0", help="zoo seed (comma-separated for several)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(run=_zoo_build)
     s = zsub.add_parser("show", help="print the score table of a built zoo")

@@ -58,7 +58,13 @@ def test_user_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):
 def test_bad_arguments_fail_with_usage():
     res = run("zoo", "build", "--preset", "huge")
     assert res.returncode == 2
-    assert "invalid choice: 'huge'" in res.stderr
+    assert res.stderr.strip() == "mergescale: error: unknown zoo preset 'huge'; use one of: tiny, small, xs, s, m, l"
+    res = run("zoo", "build", "--preset", "tiny", "--base", "instruct")
+    assert res.returncode == 2 and "has a pretrained base only" in res.stderr
+    res = run("zoo", "build", "--seed", "one")
+    assert res.returncode == 2 and "--seed: 'one' is not an integer" in res.stderr
+    res = run("zoo", "build", "--bogus")
+    assert res.returncode == 2 and "unrecognized arguments: --bogus" in res.stderr
 
 
 @pytest.mark.zoo

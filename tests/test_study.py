@@ -81,6 +81,47 @@ def test_a_seeded_sample_of_subsets_is_reproducible_and_seeds_multiply_jobs():
     assert not {u["key"] for u in refs} & {j.key for j in jobs}
 
 
+def test_a_zoo_grid_expands_to_one_member_per_point_with_factor_keys():
+    from mergescale.orchestrator.study_models import zoo_members
+    from mergescale.zoo.build import preset_spec
+
+    grid = {"preset": ["xs", "s", "m", "l"], "base": ["pretrained", "instruct"], "seed": [0, 1]}
+    members = zoo_members(_spec(zoo=grid, base="zoo:base", experts="zoo"))
+    assert [(m.preset, m.base_quality, m.seed) for m in members] == [
+        (p, b, s) for p in grid["preset"] for b in grid["base"] for s in grid["seed"]]  # fmt: skip
+    assert len({m.key() for m in members}) == 16
+    assert members[1] == preset_spec("xs", seed=1, base="pretrained")
+    # the original zoo's spec still names one member with the key it always had
+    (tiny,) = zoo_members(_spec(zoo={"preset": "tiny", "seed": 0}))
+    assert tiny.key() == "c026f8fdcc92658c"
+    for bad, message in [({"preset": "tiny", "base": "instruct"}, "zoo: zoo preset 'tiny' has a pretrained base only"),
+                         ({"preset": ["xs", "xs"]}, "zoo.preset: give a value or a list of distinct values"),
+                         ({"seed": ["a"]}, "zoo.seed: 'a' is not an integer"),
+                         ({"size": "m"}, "zoo.size: unknown key")]:  # fmt: skip
+        with pytest.raises(MergescaleError, match=message):
+            zoo_members(_spec(zoo=bad))
+    # jobs of two members: the same subsets and methods, keyed apart by their models and factors, ids say which
+    spec = _spec(subsets={"sizes": [2]})
+
+    def member(size: str, quality: str, weights: str) -> StudyModels:
+        models = _models()
+        models.hashes = {k: weights + v[1:] for k, v in models.hashes.items()}
+        models.factors = {"size": size, "n_parameters": 1, "base_quality": quality, "zoo_seed": 0}
+        models.member = f"{size} {quality} seed=0"
+        models.multitask = "/m/base"  # any directory with a hash
+        return models
+
+    a, b = expand(spec, member("xs", "pretrained", "1")), expand(spec, member("xs", "instruct", "2"))
+    assert [j.experts for j in a] == [j.experts for j in b] and len(a) == math.comb(8, 2)
+    assert not {j.key for j in a} & {j.key for j in b}
+    assert a[0].model_id == "[xs pretrained seed=0] ties global/upper+shift1"
+    same_weights = member("xs", "instruct", "1")  # the factors are in the key, not only the weights
+    assert expand(spec, same_weights)[0].key != a[0].key
+    refs = reference_units(spec, member("xs", "pretrained", "1"))
+    assert [u["model_id"] for u in refs][0] == "[xs pretrained seed=0] base"
+    assert refs[-1]["kind"] == store.MULTITASK and refs[-1]["model_id"] == "[xs pretrained seed=0] multitask"
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -305,3 +346,38 @@ def test_a_study_runs_unchanged_as_the_entrypoint_of_a_ray_job_on_a_two_node_clu
     rows = store.read_results(tmp_path / "res").to_pylist()
     assert {r["model"] for r in rows if r["job_kind"] == store.MERGE} == {
         "ties global/upper+rot13", "ties global/upper+digit", "ties global/rot13+digit"}  # fmt: skip
+
+
+@pytest.mark.zoo  # builds (or reuses) the scale family's two xs members
+@pytest.mark.ray
+@pytest.mark.engine
+def test_a_study_over_zoo_members_keys_and_normalizes_each_member_apart(ray_session, tmp_path):
+    """examples/scale_ci.yaml: two members (xs pretrained, xs instruct), each with its own references —
+    base, 8 experts, multitask — and every row carrying its factors."""
+    from mergescale.orchestrator.study import run_study
+    from mergescale.zoo.build import build_zoo, preset_spec
+
+    spec_path = Path(__file__).parents[1] / "examples" / "scale_ci.yaml"
+    run = run_study(load_study_spec(spec_path), spec_path, tmp_path / "res", progress=False)
+    assert (run.jobs, run.skipped, run.ran, run.references_evaluated) == (12, 0, 12, 20)
+    rows = store.read_results(tmp_path / "res").to_pylist()
+    zoos = {q: build_zoo(preset_spec("xs", base=q), progress=False) for q in ("pretrained", "instruct")}
+    for r in rows:
+        zoo = zoos[r["base_quality"]]
+        assert (r["size"], r["n_parameters"], r["zoo_seed"], r["zoo_key"]) == ("xs", 214400, 0, zoo.meta["key"])
+        assert r["model"].startswith(f"[xs {r['base_quality']} seed=0] ")
+    kinds = {(r["base_quality"], r["job_kind"]) for r in rows}
+    assert kinds == {(q, k) for q in zoos for k in (store.BASE, store.EXPERT, store.MULTITASK, store.MERGE)}
+    em = [r for r in rows if r["kind"] == "score" and r["metric"] == "char_acc"]
+    refs = {(r["base_quality"], r["model"].split("] ")[1], r["task"]): r["value"] for r in em
+            if r["job_kind"] != store.MERGE}  # fmt: skip
+    assert {t for (_, m, t) in refs if m == "multitask"} == {f"zoo_{t}" for t in NAMES} | {
+        f"zoo_{t}_post" for t in NAMES}  # fmt: skip
+    merges = [r for r in em if r["job_kind"] == store.MERGE]
+    assert len({r["job_key"] for r in merges}) == 12
+    for r in merges:  # normalized against the member's own references, never the other member's
+        ref = (r["base_quality"], f"expert:{r['task'][4:]}" if r["role"] == "held_in" else "base", r["task"])
+        assert r["normalized"] == pytest.approx(r["value"] / refs[ref])
+        assert r["role"] == "held_in" or r["task"].endswith("_post")
+    again = run_study(load_study_spec(spec_path), spec_path, tmp_path / "res", progress=False)
+    assert (again.jobs, again.skipped, again.ran) == (12, 12, 0)

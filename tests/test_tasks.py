@@ -80,3 +80,67 @@ def test_base_sees_held_in_tasks_on_part_of_the_alphabet_only():
     mix = expert_mixture(get_task("rot13"))
     assert mix[0].task.name == "rot13" and len(mix[0].letters) == 26
     assert abs(sum(s.weight for s in mix) - 1.0) < 1e-9
+
+
+def _family_mixtures():
+    """Every training mixture of the scale family: pretraining, instruction tuning, each expert's and the
+    multitask model's fine-tuning (on either base)."""
+    from mergescale.zoo.family import POOL_LOG2
+    from mergescale.zoo.tasks import family_expert_mixture, instruct_mixture, scale_base_mixture
+
+    pool = 2 ** POOL_LOG2[1]
+    out = {"pretraining": scale_base_mixture(), "instruct": instruct_mixture()}
+    for replay in ("pretraining", "instruct"):
+        for task in HELD_IN:
+            out[f"expert {task.name} ({replay})"] = family_expert_mixture([task], out[replay], pool)
+        out[f"multitask ({replay})"] = family_expert_mixture(list(HELD_IN), out[replay])
+    return out
+
+
+def test_scale_held_out_tasks_are_in_no_training_mixture_of_the_family():
+    import random
+
+    from mergescale.zoo.tasks import SCALE_HELD_OUT, known_letters
+
+    held_out = {(t.style, t.tag): t for t in SCALE_HELD_OUT}
+    assert [t.name for t in SCALE_HELD_OUT] == [f"{t.name}_post" for t in HELD_IN]
+    tests = {t.name: {p for p, _ in t.examples("test", 200)} for t in SCALE_HELD_OUT}
+    for name, mixture in _family_mixtures().items():
+        if name != "pretraining":  # the others are fractions of a batch
+            assert abs(sum(s.weight for s in mixture) - 1.0) < 1e-9, name
+        for s in mixture:
+            twin = held_out.get((s.task.style, s.task.tag))
+            if twin is None:
+                continue
+            # the only sources with a held-out task's tag and format draw the base's known letters, and every
+            # held-out example has a letter outside them: no held-out example is in any training stream
+            known = known_letters(get_task(twin.name.removesuffix("_post")))
+            assert s.pool is None and set(s.letters) == set(twin.novel) == set(known), (name, s.task.name)
+        drawn = set()
+        for s in mixture:  # and, by sampling the real streams: no prompt of a held-out test example
+            stream = s.task.stream("train", random.Random(0), s.letters)
+            drawn |= {next(stream)[0] for _ in range(50)}
+        for task, prompts in tests.items():
+            assert not drawn & prompts, (name, task)
+    for t in SCALE_HELD_OUT:
+        inputs = [p.split(":")[0] for p, _ in t.examples("test", 200)]
+        assert all(not set(i) <= set(t.novel) for i in inputs), t.name
+        assert t.examples("test", 5)[0][0].endswith(f":{t.tag}=")
+
+
+def test_scale_family_experts_differ_in_steps_learning_rate_and_data():
+    from mergescale.zoo.build import SIZES, preset_spec
+    from mergescale.zoo.family import expert_recipe, parameters
+
+    recipes = [expert_recipe(preset_spec("m"), t.name) for t in HELD_IN]
+    for key in ("steps", "lr", "pool"):
+        assert len({r[key] for r in recipes}) == len(HELD_IN), key
+    assert all(60 <= r["steps"] <= 240 and 2**8 <= r["pool"] <= 2**12 for r in recipes)
+    # the same steps and data for every size and seed; the learning rate follows the size rule
+    other = [expert_recipe(preset_spec("xs", seed=3), t.name) for t in HELD_IN]
+    assert [(r["steps"], r["pool"]) for r in other] == [(r["steps"], r["pool"]) for r in recipes]
+    ratio = preset_spec("xs").expert_lr / preset_spec("m").expert_lr
+    assert all(abs(o["lr"] / r["lr"] - ratio) < 1e-3 for r, o in zip(recipes, other, strict=True))
+    sizes = [parameters(preset_spec(p)) for p in SIZES]
+    assert sizes == sorted(sizes) and sizes[-1] / sizes[0] >= 16
+    assert parameters(preset_spec("m")) == parameters(preset_spec("tiny"))  # m is the tiny architecture

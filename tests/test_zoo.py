@@ -44,6 +44,55 @@ def test_build_is_deterministic_reused_and_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "d"], "no staging directory left"
 
 
+def micro_member(base: str, seed: int = 0):
+    """The xs size of the scale family with very few steps: the real family build path, in seconds."""
+    return preset_spec("xs", seed=seed, base=base, base_steps=20, base_warmup=5, instruct_steps=10, expert_steps=4,
+                       expert_warmup=2, multitask_steps=8, eval_examples=6)  # fmt: skip
+
+
+@pytest.mark.zoo  # builds micro family members (the real build path, in its pinned-kernel child process)
+def test_family_member_bytes_do_not_depend_on_threads(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGESCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MERGESCALE_TRAIN_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one = build_zoo(micro_member("pretrained"), out=tmp_path / "one", progress=False)
+    monkeypatch.setenv("MERGESCALE_TRAIN_THREADS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    two = build_zoo(micro_member("pretrained"), out=tmp_path / "two", progress=False)
+    assert one.meta["kernels"]["threads"] == 1 and two.meta["kernels"]["threads"] == 2
+    assert one.meta["kernels"]["aten"] == "AVX2"  # the pinned kernels, whatever this host has
+    assert one.meta["weights_sha256"] == two.meta["weights_sha256"]
+    assert one.meta["scores"] == two.meta["scores"]
+    assert set(one.meta["weights_sha256"]) == {"base", "multitask"} | {t.name for t in HELD_IN}
+    assert one.meta["host"]["cpu"] and one.meta["disk_bytes"] > 0
+    # a layout a study can use: the multitask model is a Hugging Face directory too
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (one.multitask / f).is_file()
+    # heterogeneous experts: learning rates and data sizes differ (steps too, at real budgets), so do the norms
+    training = one.meta["training"]
+    for key in ("lr", "pool"):
+        assert len({training[t.name][key] for t in HELD_IN}) == len(HELD_IN), key
+    assert len({training[t.name]["task_vector_norm"] for t in HELD_IN}) == len(HELD_IN)
+    assert one.factors == {"size": "xs", "n_parameters": 214400, "base_quality": "pretrained", "zoo_seed": 0}
+
+
+@pytest.mark.zoo
+def test_an_instruct_member_continues_the_pretrained_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGESCALE_CACHE", str(tmp_path / "empty"))
+    alone = build_zoo(micro_member("instruct"), out=tmp_path / "alone", progress=False)  # trains the base itself
+    monkeypatch.setenv("MERGESCALE_CACHE", str(tmp_path / "cache"))
+    pre = build_zoo(micro_member("pretrained"), progress=False)  # into the cache, where the instruct build finds it
+    inst = build_zoo(micro_member("instruct"), progress=False)
+    assert inst.meta["training"]["base"]["reused"] == "pretrained member's base"
+    assert "reused" not in alone.meta["training"]["base"]
+    sha = {z.meta["training"]["base"]["pretrained_sha256"] for z in (pre, inst, alone)}
+    assert len(sha) == 1  # the same pretrained base, trained or reused
+    assert inst.meta["weights_sha256"] == alone.meta["weights_sha256"]
+    assert inst.meta["weights_sha256"]["base"] != pre.meta["weights_sha256"]["base"]  # the instruct stage ran
+    assert inst.meta["training"]["instruct"]["steps"] == 10 and "instruct" not in pre.meta["training"]
+    assert inst.meta["key"] != pre.meta["key"]
+
+
 def test_unknown_preset_is_a_user_error():
     with pytest.raises(MergescaleError, match="unknown zoo preset 'huge'"):
         preset_spec("huge")

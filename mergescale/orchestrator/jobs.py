@@ -107,19 +107,27 @@ def expand(spec: StudySpec, models: StudyModels) -> list[Job]:
                     "experts": [[e, models.hashes[models.experts[e][0]]] for e in subset],
                     "method": method, "parameters": params, "seed": seed,
                     "suite": suite_key(spec, held_in), "mergescale": mergescale.__version__,
+                    **({"factors": models.factors} if models.factors else {}),
                 })  # fmt: skip
                 model_id = f"{label}/{'+'.join(subset)}" + (f"/seed={seed}" if len(spec.seeds) > 1 else "")
+                model_id = f"[{models.member}] {model_id}" if models.member else model_id
                 jobs.append(Job(key, method, label, _canonical(params), tuple(subset), seed, model_id))
     return jobs
 
 
 def reference_units(spec: StudySpec, models: StudyModels) -> list[dict]:
-    """The base and every expert, each evaluated once on every task of the study."""
+    """The base, every expert and the multitask baseline (a zoo's, when the study merges the zoo's experts),
+    each evaluated once on every task of the study."""
     suite = suite_key(spec, [t for _, t in models.experts.values()])
     units = [{"kind": store.BASE, "name": "base", "path": models.base, "experts": []}]
     units += [{"kind": store.EXPERT, "name": n, "path": p, "experts": [n]} for n, (p, _) in models.experts.items()]
+    if models.multitask:
+        units.append({"kind": store.MULTITASK, "name": "multitask", "path": models.multitask,
+                      "experts": list(models.experts)})  # fmt: skip
     for u in units:
         u["key"] = _digest({"model": models.hashes[u["path"]], "role": u["name"], "suite": suite,
-                            "mergescale": mergescale.__version__})  # fmt: skip
-        u["model_id"] = "base" if u["kind"] == store.BASE else f"expert:{u['name']}"
+                            "mergescale": mergescale.__version__,
+                            **({"factors": models.factors} if models.factors else {})})  # fmt: skip
+        u["model_id"] = u["name"] if u["kind"] in (store.BASE, store.MULTITASK) else f"expert:{u['name']}"
+        u["model_id"] = f"[{models.member}] {u['model_id']}" if models.member else u["model_id"]
     return units

@@ -32,14 +32,16 @@ from mergescale.eval import scores
 
 JOBS, REFERENCES, MODELS, FITS = "jobs", "references", "models", "fits"
 #: job_kind of a row: a merged model, or one of the reference models
-MERGE, BASE, EXPERT = "merge", "base", "expert"
+MERGE, BASE, EXPERT, MULTITASK = "merge", "base", "expert", "multitask"
+#: the factor columns of a zoo's models (``Zoo.factors``): null for models that are not a zoo's
+FACTORS = ("size", "n_parameters", "base_quality", "zoo_seed")
 
 SCHEMA = pa.schema(
     [
         *scores.SCHEMA,
         pa.field("study", pa.string()),  # the study's name
         pa.field("job_key", pa.string(), nullable=False),  # content hash of the unit (the file's name)
-        pa.field("job_kind", pa.string(), nullable=False),  # merge | base | expert
+        pa.field("job_kind", pa.string(), nullable=False),  # merge | base | expert | multitask
         pa.field("method", pa.string()),  # merge method (null for references)
         pa.field("label", pa.string()),  # method label: the method and its grid values, e.g. "ties density=0.2"
         pa.field("parameters", pa.string()),  # the merge parameters as canonical JSON
@@ -52,6 +54,10 @@ SCHEMA = pa.schema(
         # provenance (null in stores written before it was recorded): the zoo's key when the models are a
         # zoo's, and the evaluator process's torch / vLLM versions and CPU (``mergescale.provenance``)
         pa.field("zoo_key", pa.string()),
+        pa.field("size", pa.string()),  # the zoo preset (scale family: xs, s, m, l)
+        pa.field("n_parameters", pa.int64()),  # parameters of the zoo's models
+        pa.field("base_quality", pa.string()),  # pretrained | instruct
+        pa.field("zoo_seed", pa.int64()),
         pa.field("torch_version", pa.string()),
         pa.field("vllm_version", pa.string()),
         pa.field("host_cpu", pa.string()),

@@ -30,7 +30,7 @@ from mergescale.errors import MergescaleError
 from mergescale.orchestrator import results as store
 from mergescale.orchestrator.hashes import weight_hashes
 from mergescale.orchestrator.jobs import Job, expand, reference_units
-from mergescale.orchestrator.study_models import StudyModels, resolve_models
+from mergescale.orchestrator.study_models import StudyModels, resolve_members
 from mergescale.specs import StudySpec
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def merge_and_evaluate(job: Job, ctx: StudyContext) -> list[dict]:
         study=ctx.spec.name, job_key=job.key, job_kind=store.MERGE, method=job.method, label=job.label,
         parameters=job.parameters, experts=list(job.experts), n_experts=len(job.experts), seed=job.seed,
         merge_seconds=merge_seconds, model_path=model if ctx.spec.keep_models else None,
-        fit=_fit_record(out, ctx.results, job.key), zoo_key=ctx.models.zoo_key,
+        fit=_fit_record(out, ctx.results, job.key), zoo_key=ctx.models.zoo_key, **ctx.models.factors,
         **{c: env.get(c) for c in provenance.COLUMNS},
     )  # fmt: skip
     store.write_unit(ctx.results, store.JOBS, job.key, rows)
@@ -158,22 +158,34 @@ def run_study(spec: StudySpec, spec_path: Path | str, out: Path | str | None = N
     results = results_dir(spec, spec_path, out)
     paths = [str(p if Path(p).is_absolute() else (spec_path.parent / p).resolve()) for p in spec.eval.include_paths]
     spec = spec.model_copy(update={"eval": spec.eval.model_copy(update={"include_paths": paths})})
-    models = resolve_models(spec, spec_path.parent, progress)
-    models.hashes = weight_hashes([models.base, *(p for p, _ in models.experts.values())])
-    jobs = expand(spec, models)
-    refs = reference_units(spec, models)
-    _validate_methods(jobs, models, spec.eval.include_paths)  # a bad spec fails here, before anything is written
+    members = resolve_members(spec, spec_path.parent, progress)
+    plans = []  # (models, jobs, references) of every member
+    for models in members:
+        models.hashes = weight_hashes([models.base, *(p for p, _ in models.experts.values()),
+                                       *([models.multitask] if models.multitask else [])])  # fmt: skip
+        jobs = expand(spec, models)
+        _validate_methods(jobs, models, spec.eval.include_paths)  # a bad spec fails here, before anything is written
+        plans.append((models, jobs, reference_units(spec, models)))
+    total = sum(len(jobs) for _, jobs, _ in plans)
     with store.locked(results):
         files.write_text(results / "study.yaml", spec_path.read_text())
         done = store.done_keys(results, store.JOBS)
-        pending = [j for j in jobs if j.key not in done]
         refs_done = store.done_keys(results, store.REFERENCES)
         _tidy_models(results, done, spec.keep_models)
-        if not pending:
-            log.info("all %d jobs of study %s are in %s", len(jobs), spec.name, results)
-            return StudyRun(results, len(jobs), len(jobs), 0, 0, time.perf_counter() - started)
-        ran, refs_ran, stats = _run(spec, models, results, pending, refs, refs_done, address, progress)
-    return StudyRun(results, len(jobs), len(jobs) - len(pending), ran, refs_ran, time.perf_counter() - started, stats)
+        ran = refs_ran = 0
+        stats: dict = {}
+        for models, jobs, refs in plans:
+            pending = [j for j in jobs if j.key not in done]
+            if not pending:
+                continue
+            if models.member:
+                log.info("study %s: member %s, %d jobs to run", spec.name, models.member, len(pending))
+            n, r, stats = _run(spec, models, results, pending, refs, refs_done, address, progress)
+            ran, refs_ran = ran + n, refs_ran + r
+        if not ran:
+            log.info("all %d jobs of study %s are in %s", total, spec.name, results)
+    skipped = total - ran
+    return StudyRun(results, total, skipped, ran, refs_ran, time.perf_counter() - started, stats)
 
 
 def _validate_methods(jobs: list[Job], models: StudyModels, include_paths=()) -> None:
@@ -255,7 +267,8 @@ def _run(spec, models, results, pending, refs, refs_done, address, progress):
                 store.write_unit(results, store.REFERENCES, u["key"], store.complete(
                     mine, study=spec.name, job_key=u["key"], job_kind=u["kind"], label=u["kind"],
                     experts=u["experts"], n_experts=len(u["experts"]), model_path=u["path"],
-                    zoo_key=models.zoo_key, **{c: envs[u["path"]].get(c) for c in provenance.COLUMNS}))  # fmt: skip
+                    zoo_key=models.zoo_key, **models.factors,
+                    **{c: envs[u["path"]].get(c) for c in provenance.COLUMNS}))  # fmt: skip
             ctx.reference_rows = [r for r in old + [r for r in rows if r["kind"] == "score"] if r["kind"] == "score"]
             missing = [p for t, p in suite.experts.items() if t in suite.ref_files and not suite.ref_files[t].exists()]
             if missing:  # references evaluated earlier whose divergence files are gone

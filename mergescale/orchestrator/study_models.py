@@ -1,5 +1,9 @@
 """A study's models on disk: the base and each expert with its held-in task, from paths (relative to the
-study file), hub ids (downloaded when the cluster has network) or ``zoo:`` references (built or reused)."""
+study file), hub ids (downloaded when the cluster has network) or ``zoo:`` references (built or reused).
+
+A study's ``zoo:`` block may name axes of the scale family — ``{preset: [xs, s, m, l], base: [pretrained,
+instruct], seed: [0, 1]}`` (each a value or a list) — and then has one *member* per point of the grid,
+each with its own base, experts and multitask baseline (:func:`resolve_members`)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ class StudyModels:
     experts: dict[str, tuple[str, str]]  # name -> (directory, held-in task)
     hashes: dict[str, str] = field(default_factory=dict)  # directory -> weights sha256
     zoo_key: str | None = None  # the zoo's key when any model is a zoo's
+    factors: dict = field(default_factory=dict)  # size, n_parameters, base_quality, zoo_seed (a zoo's models)
+    multitask: str | None = None  # the zoo's multitask baseline, a reference of the study
+    member: str = ""  # the member's label in a study of several ("m instruct seed=1"), else ""
 
     def task_of(self, name: str) -> str:
         return self.experts[name][1]
@@ -45,8 +52,63 @@ def _hub_or_path(ref: str, root: Path, key: str) -> str:
     raise ModelError(f"{key}: {path}: no such model directory (paths are relative to the study file)")
 
 
-def resolve_models(spec: StudySpec, root: Path, progress: bool = True) -> StudyModels:
-    """Directories of the base and the experts: paths (relative to ``root``), hub ids, ``zoo:`` references."""
+ZOO_AXES = {"preset": "tiny", "base": "pretrained", "seed": 0}
+
+
+def _axis(spec: StudySpec, key: str) -> list:
+    value = spec.zoo.get(key, ZOO_AXES[key])
+    values = value if isinstance(value, list) else [value]
+    if not values or len(set(map(str, values))) != len(values):
+        raise SpecError(f"zoo.{key}: give a value or a list of distinct values")
+    return values
+
+
+def zoo_members(spec: StudySpec) -> list:
+    """The zoo specs of the study's grid (``zoo:`` axes preset × base × seed, in that order of nesting),
+    or [] when the study uses no zoo."""
+    if spec.zoo is None:
+        return []
+    from mergescale.zoo.build import preset_spec
+
+    unknown = set(spec.zoo) - set(ZOO_AXES)
+    if unknown:
+        raise SpecError(
+            f"zoo.{sorted(unknown)[0]}: unknown key; a zoo is `{{preset: tiny, seed: 0}}`, a family grid "
+            "`{preset: [xs, s, m, l], base: [pretrained, instruct], seed: [0, 1]}`"
+        )
+    out = []
+    for preset in _axis(spec, "preset"):
+        for base in _axis(spec, "base"):
+            for seed in _axis(spec, "seed"):
+                if not isinstance(seed, int) or isinstance(seed, bool):
+                    raise SpecError(f"zoo.seed: {seed!r} is not an integer")
+                try:
+                    out.append(preset_spec(str(preset), seed=seed, base=str(base)))
+                except SpecError as err:
+                    raise SpecError(f"zoo: {err}") from None
+    return out
+
+
+def resolve_members(spec: StudySpec, root: Path, progress: bool = True) -> list[StudyModels]:
+    """Every member of the study: one per point of the ``zoo:`` grid (built or reused), or the one set of
+    models of a study without a zoo grid."""
+    members = zoo_members(spec)
+    if len(members) <= 1:
+        return [resolve_models(spec, root, progress)]
+    if not (spec.experts == "zoo" and spec.base == "zoo:base"):
+        raise SpecError("zoo: a study over several zoo members takes `base: zoo:base` and `experts: zoo`")
+    out = []
+    for zoo_spec in members:
+        models = resolve_models(spec, root, progress, zoo_spec)
+        f = models.factors
+        models.member = f"{f['size']} {f['base_quality']} seed={f['zoo_seed']}"
+        out.append(models)
+    return out
+
+
+def resolve_models(spec: StudySpec, root: Path, progress: bool = True, zoo_spec=None) -> StudyModels:
+    """Directories of the base and the experts: paths (relative to ``root``), hub ids, ``zoo:`` references
+    (of ``zoo_spec``, default: the study's one zoo)."""
     zoo = None
     uses_zoo = (
         spec.experts == "zoo"
@@ -58,14 +120,10 @@ def resolve_models(spec: StudySpec, root: Path, progress: bool = True) -> StudyM
     if uses_zoo:
         if spec.zoo is None:
             raise SpecError("zoo: `zoo:` references need a `zoo:` block, e.g. `zoo: {preset: tiny, seed: 0}`")
-        from mergescale.zoo.build import build_zoo, preset_spec
+        from mergescale.zoo.build import build_zoo
         from mergescale.zoo.lm_eval_tasks import PREFIX
 
-        unknown = set(spec.zoo) - {"preset", "seed"}
-        if unknown:
-            raise SpecError(f"zoo.{sorted(unknown)[0]}: unknown key; a zoo is `{{preset: tiny, seed: 0}}`")
-        preset = preset_spec(spec.zoo.get("preset", "tiny"), seed=int(spec.zoo.get("seed", 0)))
-        zoo = build_zoo(preset, progress=progress)
+        zoo = build_zoo(zoo_spec or zoo_members(spec)[0], progress=progress)
 
     def resolve(ref: str, key: str) -> str:
         if not ref.startswith(ZOO_PREFIX):
@@ -95,4 +153,7 @@ def resolve_models(spec: StudySpec, root: Path, progress: bool = True) -> StudyM
     if len(set(tasks)) != len(tasks):
         dup = next(t for t in tasks if tasks.count(t) > 1)
         raise SpecError(f"experts: two experts claim the held-in task {dup}; each task has one expert")
-    return StudyModels(base, experts, zoo_key=zoo.meta.get("key") if zoo else None)
+    if zoo is None:
+        return StudyModels(base, experts)
+    multitask = str(zoo.multitask) if zoo.multitask and spec.experts == "zoo" else None
+    return StudyModels(base, experts, zoo_key=zoo.meta.get("key"), factors=zoo.factors, multitask=multitask)

@@ -5,6 +5,7 @@ Layout of a zoo directory (every model is a self-contained Hugging Face director
     zoo.json                 spec, paths, held-in / held-out tasks, weight hashes, score table
     base/                    config.json, generation_config.json, model.safetensors, tokenizer files
     experts/<task>/          one fine-tuned expert per held-in task
+    multitask/               (scale family) one model fine-tuned on every held-in task at once
 
 A zoo is cached under ``$MERGESCALE_CACHE/zoo/<spec key>`` (default
 ``~/.cache/mergescale``) and reused; it is built in a staging directory and renamed into
@@ -17,11 +18,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import GenerationConfig, Qwen2ForCausalLM
@@ -31,7 +34,7 @@ from mergescale import console
 from mergescale.cache import cache_root
 from mergescale.errors import ModelError, SpecError
 from mergescale.eval.greedy import score_tasks
-from mergescale.zoo.tasks import HELD_IN, HELD_OUT, Task, base_mixture, expert_mixture, get_task
+from mergescale.zoo.tasks import FAMILY_TASKS, HELD_IN, HELD_OUT, Task, base_mixture, expert_mixture, get_task
 from mergescale.zoo.tasks import fingerprint as tasks_fingerprint
 from mergescale.zoo.tokenizer import EOS, PAD, build_tokenizer, vocab
 from mergescale.zoo.train import model_config, train
@@ -62,12 +65,22 @@ class ZooSpec:
     expert_lr: float
     expert_warmup: int
     eval_examples: int
+    # the scale family (zoo/family.py); at their defaults they are the original zoo's recipe and are left
+    # out of the key, so the keys of tiny and small are what they were before families existed
+    tasks: str = ""  # "" the original task set, "scale" the family's (zoo/tasks.py)
+    base_quality: Literal["pretrained", "instruct"] = "pretrained"
+    instruct_steps: int = 0
+    multitask_steps: int = 0
+    spread: float = 0.0  # log2 range of the experts' step / learning-rate multipliers (0: all equal)
 
     def key(self) -> str:
-        blob = json.dumps(
-            {"format": ZOO_FORMAT, "tasks": tasks_fingerprint(), **dataclasses.asdict(self)}, sort_keys=True
-        )
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields = {k: v for k, v in fields.items() if k not in _FAMILY_DEFAULTS or v != _FAMILY_DEFAULTS[k]}
+        blob = json.dumps({"format": ZOO_FORMAT, "tasks": tasks_fingerprint(self.tasks), **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_FAMILY_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ZooSpec) if f.default is not dataclasses.MISSING}
 
 
 PRESETS: dict[str, dict] = {
@@ -104,10 +117,43 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_spec(preset: str, seed: int = 0, **overrides) -> ZooSpec:
+
+
+def _scale_member(hidden: int, layers: int) -> dict:
+    """A size of the scale family: heads = hidden / 64 (head_dim 64), KV heads = max(1, heads / 2), MLP
+    3 × hidden, learning rates 1e-3 × sqrt(128 / hidden).  Every size trains on the same batches for the
+    same steps, so size is not confounded with the training budget."""
+    heads = hidden // 64
+    lr = float(f"{1e-3 * math.sqrt(128 / hidden):.4g}")
+    return dict(
+        hidden=hidden, layers=layers, heads=heads, kv_heads=max(1, heads // 2), intermediate=3 * hidden,
+        batch=64, base_steps=1000, base_lr=lr, base_warmup=100, expert_steps=120, expert_lr=lr, expert_warmup=20,
+        eval_examples=100, tasks=FAMILY_TASKS, instruct_steps=500, multitask_steps=960, spread=1.0,
+    )  # fmt: skip
+
+
+#: the scale family's sizes, smallest first: the depth doubles at every step (1, 2, 4, 8 layers) and the
+#: width doubles at the last (128 → 256); m is the tiny zoo's architecture.  0.21 M to 6.3 M parameters (30x)
+SIZES: dict[str, dict] = {"xs": _scale_member(128, 1), "s": _scale_member(128, 2), "m": _scale_member(128, 4),
+                          "l": _scale_member(256, 8)}  # fmt: skip
+PRESETS.update(SIZES)
+BASE_QUALITIES = ("pretrained", "instruct")
+
+
+def preset_spec(preset: str, seed: int = 0, base: str = "pretrained", **overrides) -> ZooSpec:
     if preset not in PRESETS:
         raise SpecError(f"unknown zoo preset {preset!r}; use one of: {', '.join(PRESETS)}")
-    return ZooSpec(preset=preset, seed=seed, **{**PRESETS[preset], **overrides})
+    if base not in BASE_QUALITIES:
+        raise SpecError(f"unknown base quality {base!r}; use one of: {', '.join(BASE_QUALITIES)}")
+    if base != "pretrained" and preset not in SIZES:
+        raise SpecError(
+            f"zoo preset {preset!r} has a pretrained base only; instruct bases are built for the scale family "
+            f"({', '.join(SIZES)})"
+        )
+    settings = {**PRESETS[preset], **overrides}
+    if base == "pretrained":
+        settings["instruct_steps"] = 0  # the pretrained member never runs the instruction stage
+    return ZooSpec(preset=preset, seed=seed, base_quality=base, **settings)
 
 
 @dataclass(frozen=True)
@@ -137,6 +183,20 @@ class Zoo:
         return {name: self.root / rel for name, rel in self.meta["experts"].items()}
 
     @property
+    def multitask(self) -> Path | None:
+        """The multitask baseline (scale family), or None."""
+        return self.root / self.meta["multitask"] if self.meta.get("multitask") else None
+
+    @property
+    def factors(self) -> dict:
+        """The zoo's factors as a study's columns: size (its preset), n_parameters, base_quality, zoo_seed."""
+        from mergescale.zoo.family import parameters
+
+        spec = ZooSpec(**self.meta["spec"])
+        return {"size": spec.preset, "n_parameters": parameters(spec), "base_quality": spec.base_quality,
+                "zoo_seed": spec.seed}  # fmt: skip
+
+    @property
     def held_in(self) -> list[Task]:
         return [get_task(n) for n in self.meta["tasks"]["held_in"]]
 
@@ -149,7 +209,7 @@ class Zoo:
         return self.meta["scores"]["test"][model]
 
 
-def _save_model(model: Qwen2ForCausalLM, directory: Path) -> str:
+def save_model(model: Qwen2ForCausalLM, directory: Path) -> str:
     directory.mkdir(parents=True)
     model.generation_config = GenerationConfig(
         eos_token_id=vocab()[EOS], pad_token_id=vocab()[PAD], do_sample=False, max_new_tokens=16
@@ -159,7 +219,7 @@ def _save_model(model: Qwen2ForCausalLM, directory: Path) -> str:
     return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
 
 
-def _evaluate(model, tokenizer, tasks: list[Task], n: int) -> dict[str, dict[str, float]]:
+def evaluate_model(model, tokenizer, tasks: list[Task], n: int) -> dict[str, dict[str, float]]:
     scores = score_tasks(model, tokenizer, {t.name: t.examples("test", n) for t in tasks})
     return {name: {"exact_match": s.exact_match, "char_acc": s.char_acc} for name, s in scores.items()}
 
@@ -184,7 +244,7 @@ def build_zoo(spec: ZooSpec, out: Path | None = None, progress: bool = True) -> 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        meta = _build_into(spec, staging, progress)
+        meta = _build_family_member(spec, staging, progress) if spec.tasks else _build_into(spec, staging, progress)
         (staging / "zoo.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         if target.exists():
             target.rmdir()  # empty (checked above)
@@ -196,6 +256,30 @@ def build_zoo(spec: ZooSpec, out: Path | None = None, progress: bool = True) -> 
             return Zoo.load(target)  # another process published the same zoo first: use theirs
         raise
     return Zoo.load(target)
+
+
+def _build_family_member(spec: ZooSpec, root: Path, progress: bool) -> dict:
+    from mergescale.zoo.family import build_in_child
+
+    name = f"zoo {spec.preset} {spec.base_quality} seed {spec.seed}"
+    with console.progress("steps", enabled=progress) as bar:
+        job = bar.add_task(name, total=None)
+
+        def report(stage: str, advance: int, total: int) -> None:
+            bar.update(job, description=f"{name}: {stage}", total=total, advance=advance)
+
+        meta = build_in_child(spec, root, report)
+    disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    return {
+        "format": ZOO_FORMAT, "key": spec.key(), "mergescale_version": mergescale.__version__,
+        "spec": dataclasses.asdict(spec), "base": "base", **meta, "disk_bytes": disk, "host": _host(),
+    }  # fmt: skip
+
+
+def _host() -> dict:
+    from mergescale.provenance import cpu_model
+
+    return {"cpu": cpu_model(), "torch": torch.__version__, "cores": os.cpu_count()}
 
 
 def _build_into(spec: ZooSpec, root: Path, progress: bool) -> dict:
@@ -227,8 +311,8 @@ def _build_into(spec: ZooSpec, root: Path, progress: bool) -> dict:
                 progress=step,
             )
             log.info("base: final loss %.4f", loss)
-            hashes = {"base": _save_model(base, root / "base")}
-            scores = {"base": _evaluate(base, tokenizer, eval_tasks, spec.eval_examples)}
+            hashes = {"base": save_model(base, root / "base")}
+            scores = {"base": evaluate_model(base, tokenizer, eval_tasks, spec.eval_examples)}
             base_state = {k: v.clone() for k, v in base.state_dict().items()}
             for i, task in enumerate(HELD_IN):
                 bar.update(job, description=f"zoo {spec.preset}: expert {task.name}")
@@ -245,8 +329,8 @@ def _build_into(spec: ZooSpec, root: Path, progress: bool) -> dict:
                     progress=step,
                 )
                 log.info("expert %s: final loss %.4f", task.name, loss)
-                hashes[task.name] = _save_model(base, root / "experts" / task.name)
-                scores[task.name] = _evaluate(base, tokenizer, eval_tasks, spec.eval_examples)
+                hashes[task.name] = save_model(base, root / "experts" / task.name)
+                scores[task.name] = evaluate_model(base, tokenizer, eval_tasks, spec.eval_examples)
     finally:
         torch.set_num_threads(threads)
     return {
@@ -260,4 +344,5 @@ def _build_into(spec: ZooSpec, root: Path, progress: bool) -> dict:
         "weights_sha256": hashes,
         "scores": {"test": scores, "n_examples": spec.eval_examples},
         "build_seconds": round(time.perf_counter() - started, 1),
+        "host": _host(),
     }

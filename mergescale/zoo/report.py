@@ -12,8 +12,10 @@ def score_table(zoo: Zoo, metric: str = "exact_match") -> Table:
     held_in = [t.name for t in zoo.held_in]
     held_out = [t.name for t in zoo.held_out]
     n = zoo.meta["scores"]["n_examples"]
+    f = zoo.factors
+    quality = f" {f['base_quality']}" if zoo.meta["spec"].get("tasks") else ""
     table = Table(
-        title=f"zoo {zoo.meta['spec']['preset']} (seed {zoo.meta['spec']['seed']}): "
+        title=f"zoo {f['size']}{quality} (seed {f['zoo_seed']}, {f['n_parameters'] / 1e6:.2f} M parameters): "
         f"test {metric.replace('_', ' ')} %, {n} examples per task; held-in | held-out"
     )
     table.add_column("model")
@@ -21,7 +23,7 @@ def score_table(zoo: Zoo, metric: str = "exact_match") -> Table:
         table.add_column(name, justify="right")
     for name in held_out:
         table.add_column(f"[dim]{name}[/dim]", justify="right")
-    for model in ["base"] + held_in:
+    for model in ["base"] + held_in + (["multitask"] if zoo.multitask else []):
         row = zoo.scores(model)
         cells = []
         for task in held_in + held_out:

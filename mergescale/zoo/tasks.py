@@ -27,6 +27,24 @@ its task on the whole alphabet, half of each batch replaying the base's mixture.
   they measure how much of the base's ability a merge keeps (normalized against the
   base's own score).
 
+The *scale family* (``FAMILY_TASKS = "scale"``: presets xs, s, m, l) adds a second prompt
+format, the tag after the input (``"{input}:{tag}="``, ``style="post"``), and uses it for
+held-out tasks with headroom (``SCALE_HELD_OUT``, docs/ALGORITHMS.md#zoo-families):
+
+* its base is pretrained on ``scale_base_mixture()``: the mixture in both formats, the held-in
+  maps in the usual format on their known letters (as above) and in the post format on the
+  same known letters;
+* the held-out task ``<map>_post`` is a held-in map in the post format; its examples are only
+  inputs that contain a letter outside the map's known letters, so no example of it is in any
+  training stream of the family (every stream of that tag and format draws known letters
+  only).  The base solves few of them (it knows 17 of 26 letters of the map); an expert of the
+  map learned the other letters in the usual format only, so a model scores above the base
+  exactly insofar as a skill learned in one format transfers, zero-shot, to another;
+* an *instruct* base is the pretrained base trained further on ``instruct_mixture()``: 32 new
+  maps (``INSTRUCT``, tags i00..i31) in both formats, half of each batch replaying the base's
+  mixture — a broad mixture of instruction-like maps that never contains a held-in map beyond
+  the base's known letters.
+
 Task definitions do not depend on the zoo seed: the seed controls initialisation and
 data order only.
 """
@@ -36,7 +54,7 @@ from __future__ import annotations
 import hashlib
 import random
 import string
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,12 +82,19 @@ def split_of(text: str) -> Split:
 
 @dataclass(frozen=True)
 class Task:
-    """A character-map task: ``answer[i] = table[input[i]]``."""
+    """A character-map task: ``answer[i] = table[input[i]]``.
+
+    ``style``: the prompt format, ``"pre"`` (``tag:input=``) or ``"post"`` (``input:tag=``).
+    ``novel``: if set, every example's input (:meth:`examples`) contains at least one letter
+    outside these letters — the held-out tasks of the scale family, whose training streams draw
+    only these letters."""
 
     name: str
     tag: str
     table: str  # 26 output characters, one per input letter a..z
     description: str
+    style: Literal["pre", "post"] = "pre"
+    novel: str = ""
 
     def __post_init__(self) -> None:
         if len(self.table) != 26 or any(c not in ALPHABET for c in self.table):
@@ -78,14 +103,14 @@ class Task:
             raise ValueError(f"task {self.name}: tag must be lowercase letters/digits")
 
     def prompt(self, text: str) -> str:
-        return f"{self.tag}:{text}="
+        return f"{self.tag}:{text}=" if self.style == "pre" else f"{text}:{self.tag}="
 
     def answer(self, text: str) -> str:
         return "".join(self.table[ord(c) - 97] for c in text)
 
     def examples(self, split: Split, n: int, seed: int = 0) -> list[tuple[str, str]]:
         """``n`` distinct (prompt, answer) pairs of ``split``; deterministic in (task, split, seed)."""
-        return [(self.prompt(t), self.answer(t)) for t in _inputs(self.name, split, n, seed)]
+        return [(self.prompt(t), self.answer(t)) for t in _inputs(self.name, split, n, seed, self.novel)]
 
     def stream(self, split: Split, rng: random.Random, letters: str = LOWER) -> Iterator[tuple[str, str]]:
         """An endless stream of (prompt, answer) pairs of ``split`` over ``letters``, drawn with ``rng``."""
@@ -99,13 +124,13 @@ def _random_input(rng: random.Random, letters: str = LOWER) -> str:
     return "".join(rng.choice(letters) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
 
 
-def _inputs(name: str, split: Split, n: int, seed: int) -> list[str]:
+def _inputs(name: str, split: Split, n: int, seed: int, novel: str = "") -> list[str]:
     key = int.from_bytes(hashlib.blake2b(f"{name}/{split}/{seed}".encode(), digest_size=8).digest(), "big")
     rng = random.Random(key)
     seen: dict[str, None] = {}
     while len(seen) < n:
         t = _random_input(rng)
-        if split_of(t) == split:
+        if split_of(t) == split and not (novel and set(t) <= set(novel)):
             seen.setdefault(t)
     return list(seen)
 
@@ -126,14 +151,20 @@ HELD_IN: tuple[Task, ...] = (
 )
 
 
-def _mixture() -> tuple[Task, ...]:
-    rng = random.Random(MIXTURE_SEED)
-    tasks = [Task("copy", "cp", LOWER, "repeat the input")]
-    for i in range(N_MIXTURE_MAPS):
+def _random_maps(seed: int, prefix: str, n: int, description: str) -> tuple[Task, ...]:
+    """``n`` random character maps (tags ``{prefix}00``...), each onto lowercase, uppercase or any character."""
+    rng = random.Random(seed)
+    tasks = []
+    for i in range(n):
         out = rng.choice((LOWER, UPPER, LOWER + UPPER + DIGITS))
         table = "".join(rng.choice(out) for _ in range(26))
-        tasks.append(Task(f"m{i:02d}", f"m{i:02d}", table, "random character map (base pretraining)"))
+        tasks.append(Task(f"{prefix}{i:02d}", f"{prefix}{i:02d}", table, description))
     return tuple(tasks)
+
+
+def _mixture() -> tuple[Task, ...]:
+    copy = Task("copy", "cp", LOWER, "repeat the input")
+    return (copy, *_random_maps(MIXTURE_SEED, "m", N_MIXTURE_MAPS, "random character map (base pretraining)"))
 
 
 MIXTURE: tuple[Task, ...] = _mixture()
@@ -143,11 +174,13 @@ TASKS: dict[str, Task] = {t.name: t for t in HELD_IN + MIXTURE}
 
 @dataclass(frozen=True)
 class Source:
-    """One component of a training mixture: a task, the input letters it draws from, its weight."""
+    """One component of a training mixture: a task, the input letters it draws from, its weight, and
+    optionally ``pool``: the number of distinct training inputs it cycles through (its data size)."""
 
     task: Task
     letters: str = LOWER
     weight: float = 1.0
+    pool: int | None = None
 
 
 def known_letters(task: Task) -> str:
@@ -165,11 +198,56 @@ def expert_mixture(task: Task) -> list[Source]:
     return [Source(task, weight=1.0 - REPLAY)] + [Source(s.task, s.letters, REPLAY / len(replay)) for s in replay]
 
 
-def fingerprint() -> str:
+# ---------------------------------------------------------------- the scale family's tasks
+#: the task set of a zoo: "" = the original zoo (tiny, small), "scale" = the scale family
+FAMILY_TASKS = "scale"
+INSTRUCT_SEED = 20261203
+N_INSTRUCT_MAPS = 32
+
+
+def post(task: Task, novel: str = "") -> Task:
+    """``task`` in the post format (the tag after the input)."""
+    return Task(f"{task.name}_post", task.tag, task.table, f"{task.description}, tag after the input", "post", novel)
+
+
+INSTRUCT = _random_maps(INSTRUCT_SEED, "i", N_INSTRUCT_MAPS, "random character map (instruction tuning)")
+SCALE_HELD_OUT: tuple[Task, ...] = tuple(post(t, known_letters(t)) for t in HELD_IN)
+
+
+def scale_base_mixture() -> list[Source]:
+    """The scale family's pretraining mixture: ``base_mixture()`` plus the mixture in the post format and
+    every held-in map in the post format on its known letters."""
+    return base_mixture() + [Source(post(t)) for t in MIXTURE] + [Source(post(t), known_letters(t)) for t in HELD_IN]
+
+
+def instruct_mixture() -> list[Source]:
+    """The instruction stage: the INSTRUCT maps in both formats (half of each batch), the base's mixture (half)."""
+    new = [Source(t) for t in INSTRUCT] + [Source(post(t)) for t in INSTRUCT]
+    return _weighted(new, 0.5) + _weighted(scale_base_mixture(), 0.5)
+
+
+def family_expert_mixture(tasks: Sequence[Task], replay: Sequence[Source], pool: int | None = None) -> list[Source]:
+    """Fine-tuning mixture of a scale-family expert (one task) or multitask model (all held-in tasks): the
+    tasks on the whole alphabet, equally, in 1 - REPLAY of each batch (each from ``pool`` distinct training
+    inputs when given), and ``replay`` — the mixture its base was last trained on — in REPLAY."""
+    return _weighted([Source(t, pool=pool) for t in tasks], 1.0 - REPLAY) + _weighted(replay, REPLAY)
+
+
+def _weighted(sources: Sequence[Source], total: float) -> list[Source]:
+    norm = sum(s.weight for s in sources)
+    return [Source(s.task, s.letters, total * s.weight / norm, s.pool) for s in sources]
+
+
+def fingerprint(family: str = "") -> str:
     """A hash of every task definition and mixture constant: part of a zoo's cache key."""
     parts = [f"{MIN_LEN},{MAX_LEN},{KNOWN_LETTERS},{REPLAY}"]
     parts += [f"{t.name}/{t.tag}/{t.table}" for t in HELD_IN + MIXTURE + HELD_OUT]
     parts += [known_letters(t) for t in HELD_IN]
+    if family == FAMILY_TASKS:
+        parts += [f"{t.name}/{t.tag}/{t.table}/{t.style}/{t.novel}" for t in INSTRUCT + SCALE_HELD_OUT]
+        parts += [f"{s.task.name}/{s.task.style}/{s.letters}/{s.weight!r}" for s in instruct_mixture()]
+    elif family:
+        raise ValueError(f"unknown zoo task set {family!r}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -177,7 +255,7 @@ def get_task(name: str) -> Task:
     from mergescale.errors import MergescaleError
 
     try:
-        return TASKS[name]
+        return TASKS[name] if name in TASKS else {t.name: t for t in SCALE_HELD_OUT + INSTRUCT}[name]
     except KeyError:
         raise MergescaleError(
             f"unknown zoo task {name!r}; known: {', '.join(t.name for t in HELD_IN + HELD_OUT)} (and m00..m31)"

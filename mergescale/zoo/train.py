@@ -57,10 +57,18 @@ def encode_batch(pairs: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
 
 def batches(sources: Sequence[Source], batch: int, rng: random.Random) -> Iterator[list[tuple[str, str]]]:
     """Training batches from the train split, each example's source drawn by the sources' weights."""
-    streams = [s.task.stream("train", rng, s.letters) for s in sources]
+    streams = [s.task.stream("train", rng, s.letters) if s.pool is None else _cycle(s, rng) for s in sources]
     weights = [s.weight for s in sources]
     while True:
         yield [next(s) for s in rng.choices(streams, weights=weights, k=batch)]
+
+
+def _cycle(source: Source, rng: random.Random) -> Iterator[tuple[str, str]]:
+    """Endless draws (with replacement) from a fixed data set: the first ``source.pool`` training examples
+    of the task, the same for every seed (a seed changes the order, not the data)."""
+    data = source.task.examples("train", source.pool)
+    while True:
+        yield rng.choice(data)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
