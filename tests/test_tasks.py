@@ -8,7 +8,8 @@ def test_enough_tasks_and_held_out_is_not_held_in():
     assert len(HELD_IN) >= 8 and len(HELD_OUT) >= 3
     assert not {t.name for t in HELD_IN} & {t.name for t in HELD_OUT}
     assert not {t.tag for t in HELD_IN} & {t.tag for t in MIXTURE}, "the base must never see a held-in tag"
-    assert len({t.tag for t in TASKS.values()}) == len(TASKS)
+    # a post task reuses its map's tag in the other prompt format; (tag, style) names one task
+    assert len({(t.tag, t.style) for t in TASKS.values()}) == len(TASKS)
 
 
 def test_answers_follow_the_task_definition():

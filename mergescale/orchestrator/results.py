@@ -33,8 +33,6 @@ from mergescale.eval import scores
 JOBS, REFERENCES, MODELS, FITS = "jobs", "references", "models", "fits"
 #: job_kind of a row: a merged model, or one of the reference models
 MERGE, BASE, EXPERT, MULTITASK = "merge", "base", "expert", "multitask"
-#: the factor columns of a zoo's models (``Zoo.factors``): null for models that are not a zoo's
-FACTORS = ("size", "n_parameters", "base_quality", "zoo_seed")
 
 SCHEMA = pa.schema(
     [

@@ -117,8 +117,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-
-
 def _scale_member(hidden: int, layers: int) -> dict:
     """A size of the scale family: heads = hidden / 64 (head_dim 64), KV heads = max(1, heads / 2), MLP
     3 × hidden, learning rates 1e-3 × sqrt(128 / hidden).  Every size trains on the same batches for the

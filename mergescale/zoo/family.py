@@ -32,9 +32,8 @@ import sys
 from pathlib import Path
 
 from mergescale.errors import MergescaleError
+from mergescale.zoo.build import TRAIN_THREADS  # the bytes were checked equal under 1 and 2: tests/test_zoo.py
 
-#: intra-op threads of training (the bytes were checked equal under 1 and 2: tests/test_zoo.py)
-TRAIN_THREADS = 2
 THREADS_ENV = "MERGESCALE_TRAIN_THREADS"
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",

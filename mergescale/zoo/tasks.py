@@ -212,6 +212,7 @@ def post(task: Task, novel: str = "") -> Task:
 
 INSTRUCT = _random_maps(INSTRUCT_SEED, "i", N_INSTRUCT_MAPS, "random character map (instruction tuning)")
 SCALE_HELD_OUT: tuple[Task, ...] = tuple(post(t, known_letters(t)) for t in HELD_IN)
+TASKS.update({t.name: t for t in SCALE_HELD_OUT + INSTRUCT})
 
 
 def scale_base_mixture() -> list[Source]:
@@ -255,7 +256,7 @@ def get_task(name: str) -> Task:
     from mergescale.errors import MergescaleError
 
     try:
-        return TASKS[name] if name in TASKS else {t.name: t for t in SCALE_HELD_OUT + INSTRUCT}[name]
+        return TASKS[name]
     except KeyError:
         raise MergescaleError(
             f"unknown zoo task {name!r}; known: {', '.join(t.name for t in HELD_IN + HELD_OUT)} (and m00..m31)"
