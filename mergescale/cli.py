@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from mergescale import console
@@ -287,8 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:
             log.debug("bug", exc_info=True)  # the traceback: in the log file (and live with --verbose)
             first = f"{err}".splitlines()[0] if f"{err}" else ""
+            if path is None:  # a command without a log file (a report, zoo show): the traceback goes here
+                traceback.print_exc(file=console.stderr())
+            where = f"the traceback is in {path}" if path is not None else "the traceback is above"
             print(f"mergescale: bug: {type(err).__name__}: {first} — this is a bug in mergescale, not in your "
-                  f"input; the traceback is in {path}", file=console.stderr())  # fmt: skip
+                  f"input; {where}", file=console.stderr())  # fmt: skip
             return 1
 
 

@@ -381,3 +381,12 @@ def test_a_study_over_zoo_members_keys_and_normalizes_each_member_apart(ray_sess
         assert r["role"] == "held_in" or r["task"].endswith("_post")
     again = run_study(load_study_spec(spec_path), spec_path, tmp_path / "res", progress=False)
     assert (again.jobs, again.skipped, again.ran) == (12, 12, 0)
+    from mergescale.orchestrator.report import write_report
+
+    # the factor report renders from the real store: base quality is measured, size needs two sizes
+    names = {p.name for p in write_report(tmp_path / "res", tmp_path / "report")}
+    assert {"factors.md", "factors_held_in.svg", "factors_held_out.svg"} <= names
+    md = (tmp_path / "report" / "factors.md").read_text()
+    first = next(line for line in md.splitlines() if line.startswith("| 1 |"))
+    assert "instruct - pretrained" in first and "| xs: " in first and not first.endswith("| not measured |")
+    assert next(line for line in md.splitlines() if line.startswith("| 2 |")).endswith("| not measured |")

@@ -784,6 +784,8 @@ def write_report(results: Path | Sequence[Path], out: Path, metric: str | None =
     (self-contained, the plots inline as SVG) and the plots ``held_in``, ``held_out`` and ``heatmap`` as
     PNG and SVG.  ``metric``: the score metric to report (default: the primary one).  Returns the
     written files."""
+    from mergescale.orchestrator import factor_report  # it builds on this module's tables and figures
+
     stores = [Path(results)] if isinstance(results, (str, Path)) else [Path(r) for r in results]
     out = Path(out)
     table = read_stores(stores)
@@ -828,6 +830,12 @@ def write_report(results: Path | Sequence[Path], out: Path, metric: str | None =
             _Block("h2", "Data-driven fits"),
             _Block("figure", "fits", caption="Loss and coefficients at every step of a fit (the largest merge)"),
         ]
+    factor_rows = factor_report.members_of(table)
+    if len(factor_rows) > 1:
+        written += factor_report.write(table, out, study.metric, f"Factor report: {study.name}")
+        blocks.insert(0, _Block("p", f"The merges come from {len(factor_rows)} zoo family members; the report by "
+                                     "size, base quality and zoo seed, with the paper's findings, is factors.md "
+                                     "(factors.html)."))  # fmt: skip
     blocks += _provenance(table, study)
     md, page = out / "leaderboard.md", out / "leaderboard.html"
     for path, text in ((md, _markdown(title, blocks)), (page, _html(title, blocks, out))):
