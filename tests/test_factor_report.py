@@ -115,6 +115,14 @@ def test_a_claim_the_data_contradicts_is_called_so():
     assert factor_report.Finding("1", "c", "m", factor_report.Estimate(0.01, np.linspace(-0.02, 0.04, 101)), ">",
                                  0.0, "").verdict == "inconclusive"  # fmt: skip
     assert factor_report.Finding("1", "c", "m", factor_report.Estimate(None), ">", 0.0, "").verdict == "not measured"
+    # "at every size": the overall interval alone is not enough
+    up, flat = (
+        factor_report.Estimate(0.1, np.linspace(0.05, 0.15, 101)),
+        factor_report.Estimate(0.0, np.linspace(-0.1, 0.1, 101)),
+    )
+    partly = factor_report.Finding("1", "c", "m", up, ">", 0.0, "", every_size=[up, flat])
+    assert partly.verdict == "partly reproduced: 1 of 2 sizes"
+    assert factor_report.Finding("1", "c", "m", up, ">", 0.0, "", every_size=[up, up]).verdict == "reproduced"
 
 
 def test_write_report_adds_the_factor_pages_and_is_reproducible(family, tmp_path):

@@ -286,12 +286,12 @@ class Finding:
     claimed: str  # ">" or "<": the side of ``null`` the paper's claim puts the estimate on
     null: float
     per_size: str
-    percent: bool = True
+    #: for a claim "at every size": the per-size estimates, each judged by the same rule
+    every_size: Sequence[Estimate] = ()
 
-    @property
-    def verdict(self) -> str:
-        interval = self.estimate.interval
-        if self.estimate.mean is None:
+    def _side(self, estimate: Estimate) -> str:
+        interval = estimate.interval
+        if estimate.mean is None:
             return "not measured"
         if interval is None:
             return "inconclusive (no interval)"
@@ -301,6 +301,16 @@ class Finding:
         if above or below:
             return "contradicted"
         return "inconclusive"
+
+    @property
+    def verdict(self) -> str:
+        """From the interval of the estimate; a claim "at every size" is reproduced only when every size's
+        interval is on the claimed side too (else "partly reproduced: k of K sizes")."""
+        overall = self._side(self.estimate)
+        if overall != "reproduced" or not self.every_size:
+            return overall
+        k = sum(self._side(e) == "reproduced" for e in self.every_size)
+        return overall if k == len(self.every_size) else f"partly reproduced: {k} of {len(self.every_size)} sizes"
 
 
 def _log2_sizes(f: _Factors) -> list[float]:
@@ -314,13 +324,11 @@ def _findings(
     x = _log2_sizes(f)
     pct = report._pct
 
-    def per_size(values: Sequence[Estimate], scale: float = 100.0, unit: str = "") -> str:
+    def per_size(values: Sequence[Estimate], unit: str = "", intervals: bool = False) -> str:
         if not values:  # the finding is not measured
             return ""
-        return "; ".join(
-            f"{s}: {'-' if e.mean is None else f'{scale * e.mean:.1f}{unit}'}"
-            for s, e in zip(sizes, values, strict=True)
-        )
+        text = _estimate_text if intervals else (lambda e: "-" if e.mean is None else f"{100 * e.mean:.1f}{unit}")
+        return "; ".join(f"{s}: {text(e)}" for s, e in zip(sizes, values, strict=True))
 
     out = []
     if "instruct" in f.qualities and "pretrained" in f.qualities:
@@ -340,7 +348,8 @@ def _findings(
             estimate,
             ">",
             0.0,
-            per_size(deltas),
+            per_size(deltas, intervals=True),
+            every_size=deltas,
         )
     )
 
@@ -555,8 +564,7 @@ def _with_interval(e: Estimate) -> str:
     return report._pct(e.mean) + ("" if e.interval is None else f" {report._span(e.interval)}")
 
 
-def _estimate_text(finding: Finding) -> str:
-    e = finding.estimate
+def _estimate_text(e: Estimate) -> str:
     if e.mean is None:
         return "-"
     return f"{100 * e.mean:+.1f}" + (
@@ -566,7 +574,7 @@ def _estimate_text(finding: Finding) -> str:
 
 def findings_table(findings: Sequence[Finding]) -> tuple[list[str], list[list[str]]]:
     header = ["#", f"finding ({PAPER})", "measure on the zoo", "estimate [95 % interval]", "per size", "verdict"]
-    rows = [[x.number, x.claim, x.measure, _estimate_text(x), x.per_size or "-", x.verdict] for x in findings]
+    rows = [[x.number, x.claim, x.measure, _estimate_text(x.estimate), x.per_size or "-", x.verdict] for x in findings]
     return header, rows
 
 
