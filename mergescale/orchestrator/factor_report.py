@@ -68,6 +68,7 @@ class _Merge:
     held_out: float | None = None  # normalized, HELD_OUT_METRIC
     held_out_raw: float | None = None  # raw HELD_OUT_METRIC
     held_out_raw_primary: float | None = None  # raw primary metric
+    held_out_gain_primary: float | None = None  # raw primary metric, merged - the member's base
 
 
 @dataclass
@@ -141,6 +142,10 @@ def _factors(table: pa.Table, metric: str) -> _Factors:
         for kind, role, name, column, attr in fills:
             if (kind, role, name) == (r["job_kind"], r["role"], r["metric"]):
                 setattr(target, attr, r[column])
+    for m in merges.values():
+        base = refs.get(m.member, _Reference()).base_held_out_raw_primary
+        if base is not None and m.held_out_raw_primary is not None:
+            m.held_out_gain_primary = m.held_out_raw_primary - base
     ordered = sorted(merges.values(), key=lambda m: (m.member, m.label, m.n, m.experts))
     members = sorted({m.member for m in ordered})
     return _Factors(
@@ -318,7 +323,7 @@ def _log2_sizes(f: _Factors) -> list[float]:
 
 
 def _findings(
-    f: _Factors, held_in: _Cells, held_out: _Cells, multitask: dict[tuple[str, str], Estimate]
+    f: _Factors, held_in: _Cells, held_out: _Cells, gain: _Cells, multitask: dict[tuple[str, str], Estimate]
 ) -> list[Finding]:
     sizes = [s for s, _ in f.sizes]
     x = _log2_sizes(f)
@@ -381,6 +386,18 @@ def _findings(
             ">",
             0.0,
             per_size(out_by_size, unit=" %"),
+        )
+    )
+
+    out.append(
+        Finding(
+            "3a'",
+            "(the same, in the raw primary metric: the base's exact match is near 0 on these tasks)",
+            f"held-out {f.metric}, merged - base (raw points; mean over all cells)",
+            gain.mean(),
+            ">",
+            0.0,
+            per_size([gain.mean(size=s) for s in sizes], intervals=True),
         )
     )
 
@@ -626,7 +643,7 @@ def analyse(table: pa.Table, metric: str) -> tuple[_Factors, _Cells, _Cells, dic
             refs = {m.seed: f.references.get(m, _Reference()) for m in f.members if m.size == size and m.quality == q}
             multitask_in[(size, q)] = boot.reference({s: r.multitask_held_in for s, r in refs.items()})
             multitask_out[(size, q)] = boot.reference({s: r.multitask_held_out for s, r in refs.items()})
-    findings = _findings(f, held_in, held_out, multitask_out)
+    findings = _findings(f, held_in, held_out, _Cells(f, boot, "held_out_gain_primary"), multitask_out)
     return f, held_in, held_out, {"held_in": multitask_in, "held_out": multitask_out}, findings
 
 
