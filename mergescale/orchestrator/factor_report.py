@@ -48,9 +48,9 @@ PAPER = "Yadav et al., What Matters for Model Merging at Scale? (2024)"
 _SEED_STREAM = 1  # the seed weights' generator: report.BOOTSTRAP_SEED + this
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Member:
-    """One zoo family member; orders by size (parameters), then quality, then seed."""
+    """One zoo family member (:func:`_member_order`: by size, then base quality, then seed)."""
 
     n_parameters: int
     size: str
@@ -101,11 +101,15 @@ def _quality_order(q: str) -> tuple[int, str]:
     return (QUALITIES.index(q) if q in QUALITIES else len(QUALITIES), q)
 
 
+def _member_order(m: Member) -> tuple:
+    return (m.n_parameters, m.size, _quality_order(m.quality), m.seed)
+
+
 def members_of(table: pa.Table) -> list[Member]:
     """The family members of a store's merge rows (empty when its models are not a family's)."""
     columns = ("job_kind", "n_parameters", "size", "base_quality", "zoo_seed")
     seen = {tuple(r[c] for c in columns[1:]) for r in table.select(list(columns)).to_pylist() if r["job_kind"] == MERGE}
-    return sorted(Member(*m) for m in seen if None not in m)
+    return sorted((Member(*m) for m in seen if None not in m), key=_member_order)
 
 
 def _factors(table: pa.Table, metric: str) -> _Factors:
@@ -146,8 +150,8 @@ def _factors(table: pa.Table, metric: str) -> _Factors:
         base = refs.get(m.member, _Reference()).base_held_out_raw_primary
         if base is not None and m.held_out_raw_primary is not None:
             m.held_out_gain_primary = m.held_out_raw_primary - base
-    ordered = sorted(merges.values(), key=lambda m: (m.member, m.label, m.n, m.experts))
-    members = sorted({m.member for m in ordered})
+    ordered = sorted(merges.values(), key=lambda m: (_member_order(m.member), m.label, m.n, m.experts))
+    members = sorted({m.member for m in ordered}, key=_member_order)
     return _Factors(
         metric=metric,
         held_out_metric=held_out_metric,

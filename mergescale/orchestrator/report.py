@@ -833,7 +833,9 @@ def write_report(results: Path | Sequence[Path], out: Path, metric: str | None =
     factor_rows = factor_report.members_of(table)
     if len(factor_rows) > 1:
         written += factor_report.write(table, out, study.metric, f"Factor report: {study.name}")
-        blocks.insert(0, _Block("p", f"The merges come from {len(factor_rows)} zoo family members; the report by "
+        blocks.insert(0, _Block("p", f"The merges come from {len(factor_rows)} zoo family members, pooled on this "
+                                     "page (each normalized against its own member's references; a held-out mean "
+                                     "is '-' when some member's base scores 0 on a held-out task). The report by "
                                      "size, base quality and zoo seed, with the paper's findings, is factors.md "
                                      "(factors.html)."))  # fmt: skip
     blocks += _provenance(table, study)
