@@ -143,6 +143,7 @@ def test_write_report_adds_the_factor_pages_and_is_reproducible(family, tmp_path
     for claim in ("Instruction-tuned bases", "Bigger models are easier", "beat the base", "multitask", "converge"):
         assert claim in md
     assert md.count("| reproduced |") == 7
+    assert "the members were built on a CPU not recorded" in md  # the store has no zoo_host
     assert "| a | pretrained | 16 | 16 | 110.0 |" in md  # every merge's held-out normalized is 110 %
     assert "factors.md" in (tmp_path / "out" / "leaderboard.md").read_text()
     page = (tmp_path / "out" / "factors.html").read_text()

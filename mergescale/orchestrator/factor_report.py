@@ -678,6 +678,7 @@ def write(table: pa.Table, out: Path, metric: str, title: str) -> list[Path]:
         for stem, fig in figures.items():
             written += report._save(fig, out, stem)
     seeds = ", ".join(map(str, f.seeds))
+    hosts = sorted({h for h in table.column("zoo_host").to_pylist() if h}) or ["a CPU not recorded"]
     header, rows = findings_table(findings)
     in_header, in_rows = _cell_table(f, held_in)
     out_header, out_rows = _cell_table(f, held_out)
@@ -686,7 +687,9 @@ def write(table: pa.Table, out: Path, metric: str, title: str) -> list[Path]:
             "p",
             f"{len(f.merges)} merges of {len(f.members)} zoo family members (sizes {', '.join(s for s, _ in f.sizes)}; "
             f"bases {', '.join(f.qualities)}; zoo seeds {seeds}); methods: {', '.join(f.labels)}; "
-            f"n = {', '.join(map(str, f.ns))} experts. Held-in normalized = ANP in {f.metric} (merged / the task's "
+            f"n = {', '.join(map(str, f.ns))} experts; the members were built on {', '.join(hosts)} (zoo.json's "
+            "host: the bytes are pinned, not shown equal across CPU models). "
+            f"Held-in normalized = ANP in {f.metric} (merged / the task's "
             f"expert of the same member). Held-out normalized = merged / the member's base in {f.held_out_metric}, "
             "mean over the zero-shot held-out tasks; raw scores in the references table. A cell is the mean over "
             "zoo seeds (equal weight) of each seed's mean over its merges; aggregates weigh cells equally. "

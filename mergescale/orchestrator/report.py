@@ -291,7 +291,12 @@ def _provenance(table: pa.Table, study: _Study) -> list[_Block]:
             counted[v] = counted.get(v, 0) + 1
         return "; ".join(f"{recorded if v is None else v} ({k} units)" for v, k in sorted(counted.items(), key=str))
 
-    zoo = count(u["zoo_key"] or ("none (not a zoo's models)" if u["torch_version"] else None) for u in units.values())
+    def zoo_of(u: dict) -> str | None:
+        if not u["zoo_key"]:
+            return "none (not a zoo's models)" if u["torch_version"] else None
+        return u["zoo_key"] + (f" built on {u['zoo_host']}" if u["zoo_host"] else "")
+
+    zoo = count(zoo_of(u) for u in units.values())
     refs = sorted({(r["model"], r["weights_sha256"]) for r in rows if r["job_kind"] in (BASE, EXPERT)},
                   key=lambda m: (m[0] != "base", m[0], m[1] or ""))  # fmt: skip
     columns = ("mergescale_version", "lm_eval_version", "vllm_version", "torch_version", "host_cpu", "backend")

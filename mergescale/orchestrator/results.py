@@ -52,6 +52,7 @@ SCHEMA = pa.schema(
         # provenance (null in stores written before it was recorded): the zoo's key when the models are a
         # zoo's, and the evaluator process's torch / vLLM versions and CPU (``mergescale.provenance``)
         pa.field("zoo_key", pa.string()),
+        pa.field("zoo_host", pa.string()),  # the CPU that built the zoo (zoo.json's host)
         pa.field("size", pa.string()),  # the zoo preset (scale family: xs, s, m, l)
         pa.field("n_parameters", pa.int64()),  # parameters of the zoo's models
         pa.field("base_quality", pa.string()),  # pretrained | instruct

@@ -92,7 +92,8 @@ def merge_and_evaluate(job: Job, ctx: StudyContext) -> list[dict]:
         study=ctx.spec.name, job_key=job.key, job_kind=store.MERGE, method=job.method, label=job.label,
         parameters=job.parameters, experts=list(job.experts), n_experts=len(job.experts), seed=job.seed,
         merge_seconds=merge_seconds, model_path=model if ctx.spec.keep_models else None,
-        fit=_fit_record(out, ctx.results, job.key), zoo_key=ctx.models.zoo_key, **ctx.models.factors,
+        fit=_fit_record(out, ctx.results, job.key), zoo_key=ctx.models.zoo_key, zoo_host=ctx.models.zoo_host,
+        **ctx.models.factors,
         **{c: env.get(c) for c in provenance.COLUMNS},
     )  # fmt: skip
     store.write_unit(ctx.results, store.JOBS, job.key, rows)
@@ -267,7 +268,7 @@ def _run(spec, models, results, pending, refs, refs_done, address, progress):
                 store.write_unit(results, store.REFERENCES, u["key"], store.complete(
                     mine, study=spec.name, job_key=u["key"], job_kind=u["kind"], label=u["kind"],
                     experts=u["experts"], n_experts=len(u["experts"]), model_path=u["path"],
-                    zoo_key=models.zoo_key, **models.factors,
+                    zoo_key=models.zoo_key, zoo_host=models.zoo_host, **models.factors,
                     **{c: envs[u["path"]].get(c) for c in provenance.COLUMNS}))  # fmt: skip
             ctx.reference_rows = [r for r in old + [r for r in rows if r["kind"] == "score"] if r["kind"] == "score"]
             missing = [p for t, p in suite.experts.items() if t in suite.ref_files and not suite.ref_files[t].exists()]

@@ -25,6 +25,7 @@ class StudyModels:
     experts: dict[str, tuple[str, str]]  # name -> (directory, held-in task)
     hashes: dict[str, str] = field(default_factory=dict)  # directory -> weights sha256
     zoo_key: str | None = None  # the zoo's key when any model is a zoo's
+    zoo_host: str | None = None  # the CPU that built the zoo (zoo.json's host): bytes are pinned, untested across CPUs
     factors: dict = field(default_factory=dict)  # size, n_parameters, base_quality, zoo_seed (a zoo's models)
     multitask: str | None = None  # the zoo's multitask baseline, a reference of the study
     member: str = ""  # the member's label in a study of several ("m instruct seed=1"), else ""
@@ -156,4 +157,6 @@ def resolve_models(spec: StudySpec, root: Path, progress: bool = True, zoo_spec=
     if zoo is None:
         return StudyModels(base, experts)
     multitask = str(zoo.multitask) if zoo.multitask and spec.experts == "zoo" else None
-    return StudyModels(base, experts, zoo_key=zoo.meta.get("key"), factors=zoo.factors, multitask=multitask)
+    host = (zoo.meta.get("host") or {}).get("cpu")
+    return StudyModels(base, experts, zoo_key=zoo.meta.get("key"), zoo_host=host, factors=zoo.factors,
+                       multitask=multitask)  # fmt: skip
