@@ -13,6 +13,10 @@ For each method (task_arithmetic; ties with density 0.2) and each repeat it time
   - mergescale on an already running local Ray (what a study driver or `--address` sees), with
     1 and with 2 workers.
 The one-off output must be byte-identical to the Ray output (checked).
+Every timed command starts after ``sync`` (not timed): each run writes a ~0.5 GB model, and the kernel
+throttles a writer while earlier runs' dirty pages are still being written back, so without it a run
+pays for the output of the run before it (measured: 0.17 vs 1.1 s of a shard thread's writes when one
+merge followed another; benchmarks/RESULTS.md).
 Peak memory is sampled every 50 ms over the whole process tree (the driver, Ray's daemons and
 workers): the sum of PSS (shared pages split fairly) and of RSS. Medians over the repeats are
 printed as a Markdown table; raw figures go to ROOT/merge_speed.json. TIES' kept set is checked
@@ -79,6 +83,7 @@ class TreeSampler:
 def timed(cmd: list[str], sample: bool) -> dict:
     """Wall time of ``cmd``; with ``sample``, also its tree's peak memory (sampling costs CPU, so
     timed runs and sampled runs are separate)."""
+    os.sync()  # no earlier run's dirty pages left for this one to wait on (module docstring)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sampler = TreeSampler(proc.pid) if sample else contextlib.nullcontext()
@@ -120,6 +125,7 @@ def warm_inner(cfg_path: str, out_root: str, repeat: int) -> None:
         sample = i == repeat
         for workers in (1, 2):
             sampler = TreeSampler(os.getpid()) if sample else contextlib.nullcontext()
+            os.sync()
             with sampler:
                 start = time.perf_counter()
                 report = run_merge(spec, out / f"w{workers}", progress=False, workers=workers)

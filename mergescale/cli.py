@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import logging
 import os
 import sys
@@ -56,9 +58,27 @@ def _zoo_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _imports_without_gc():
+    """Import a command's modules with Python's cyclic garbage collector paused, then freeze what they made.
+
+    ``import torch`` creates about a million long-lived objects, and the collector, triggered every 700
+    allocations, walks the growing heap again and again while it does: ~0.15 s of a one-off merge's start-up,
+    on its one busy thread (measured: benchmarks/RESULTS.md, "A one-off mergescale merge").
+    Module objects live as long as the process, so nothing collectable is lost; ``gc.freeze`` moves them
+    out of later collections' way, and the collector runs as usual for the command's own work."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def _merge(args: argparse.Namespace) -> int:
-    from mergescale.orchestrator.merge import run_merge
-    from mergescale.specs import load_merge_spec
+    with _imports_without_gc():
+        from mergescale.orchestrator.merge import run_merge
+        from mergescale.specs import load_merge_spec
 
     spec = load_merge_spec(args.config)
     report = run_merge(

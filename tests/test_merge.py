@@ -293,6 +293,10 @@ def _inf(t):
     t[Q][3, 5] = float("-inf")
 
 
+def _huge(t):
+    t[Q][2, 2] = 3e38  # finite in fp32 (max 3.4e38); twice it is not
+
+
 def _method(method: str, base: Path | None, *experts, **parameters) -> dict:
     return {**ties(base, *experts, **parameters), "method": method}
 
@@ -342,6 +346,15 @@ BAD_INPUTS = {
     "inf-in-the-base": lambda b, e, tmp: (
         _method("task_arithmetic", copy_model(b, tmp / "infbase", edit=_inf), e), ModelError,
         f"{tmp / 'infbase' / 'model.safetensors'}: tensor {Q} holds NaN or Inf"),
+    # task arithmetic checks its result, not its inputs (Method.nonfinite_propagates): finite inputs whose
+    # merge overflows fp32 are refused too, naming the tensor, instead of writing Inf
+    "inf-task-arithmetic-weight-0-lambda-0": lambda b, e, tmp: (
+        {"method": "task_arithmetic", "base": str(b), "parameters": {"lambda": 0.0},
+         "experts": [str(e), {"model": str(copy_model(e, tmp / "inf0", edit=_inf)), "parameters": {"weight": 0.0}}]},
+        ModelError, f"{tmp / 'inf0' / 'model.safetensors'}: tensor {Q} holds NaN or Inf"),
+    "overflow-task-arithmetic": lambda b, e, tmp: (
+        _method("task_arithmetic", b, copy_model(e, tmp / "huge", edit=_huge), **{"lambda": 2.0}), ModelError,
+        f"tensor {Q}: the task_arithmetic merge overflows float32"),
 }  # fmt: skip
 
 

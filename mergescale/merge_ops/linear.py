@@ -77,6 +77,7 @@ class TaskArithmetic(Method):
 
     name = "task_arithmetic"
     experts_as_stored = True
+    nonfinite_propagates = True
 
     class Params(MethodParams):
         weight: float = 1.0

@@ -79,6 +79,12 @@ class Method:
     #: uses an expert only in arithmetic with the fp32 base (``e - base``), which promotes exactly,
     #: so skipping the separate upcast changes no bit and saves a pass over every expert
     experts_as_stored: ClassVar[bool] = False
+    #: the merge only adds and multiplies every one of its inputs, base included, so a NaN or Inf in any
+    #: input (even of weight 0: 0 · Inf is NaN) makes the fp32 result non-finite: the engine checks each
+    #: result block once instead of every input, and reads the inputs for the culprit only when the result
+    #: fails (``docs/ALGORITHMS.md#rules``).  Only for methods without statistics or block passes (those
+    #: read inputs that the result check never sees).
+    nonfinite_propagates: ClassVar[bool] = False
     #: a fit step on data runs before the map (``mergescale/fit/``); the experts name their tasks
     data_driven: ClassVar[bool] = False
 

@@ -81,8 +81,11 @@ def pinned_threads():
     finally:
         torch.set_num_threads(threads)
 
-def _read(model: ModelDir, name: str, rows: tuple[int, int] | None, device: str, upcast: bool = True) -> torch.Tensor:
-    """A tensor (or rows of it), checked for NaN/Inf; float tensors upcast to fp32 unless ``upcast`` is false."""
+def _read(
+    model: ModelDir, name: str, rows: tuple[int, int] | None, device: str, upcast: bool = True, check: bool = True
+) -> torch.Tensor:
+    """A tensor (or rows of it), checked for NaN/Inf unless ``check`` is false; float tensors upcast to fp32
+    unless ``upcast`` is false."""
     t = model.tensor(name) if rows is None else model.rows(name, *rows)
     if t.is_floating_point():
         if upcast and t.dtype != torch.float32:
@@ -90,12 +93,17 @@ def _read(model: ModelDir, name: str, rows: tuple[int, int] | None, device: str,
             t = torch.empty(t.shape, dtype=torch.float32, device=device).copy_(t)
         else:
             t = t.to(device)
-        # a sum is NaN/Inf when any element is (and is ~60x cheaper than isfinite); confirm exactly
-        if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+        if check and not _finite(t):
             raise ModelError(
                 f"{model.file_of(name)}: tensor {name} holds NaN or Inf; fix or drop this model before merging"
             )
     return t
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite: a sum is NaN/Inf when any element is (and is ~60x cheaper than
+    isfinite); an overflowing sum of finite values is confirmed exactly."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _blocks(rows: int | None, row_elements: int, block_elements: int | None) -> list[tuple[int, int] | None]:
@@ -119,21 +127,36 @@ class _TensorInputs:
         streamed = self.method.rowwise(self.params) and not whole
         self.blocks = _blocks(common, math.prod(shape[1:]), plan.block_elements if streamed else None)
         self._cache: tuple | None = None
+        # inputs are checked for NaN/Inf as they are read, or through the result (Method.nonfinite_propagates)
+        self.check_inputs = whole or not self.method.nonfinite_propagates
 
-    def read(self, i: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def read(self, i: int, check: bool | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """(base, experts) for block ``i``; a tensor in one block is read once for every pass."""
-        if self._cache is not None:
+        if self._cache is not None and check is None:
             return self._cache
         has_base = self.plan.base is not None
         stored = has_base and self.method.experts_as_stored  # experts only meet the fp32 base: no upcast
+        check = self.check_inputs if check is None else check
         tensors = [
-            _read(m, self.name, self.blocks[i], self.device, upcast=not (stored and j > 0))
+            _read(m, self.name, self.blocks[i], self.device, upcast=not (stored and j > 0), check=check)
             for j, m in enumerate(self.models)
         ]
         out = (tensors[0], tensors[1:]) if has_base else (None, tensors)
         if len(self.blocks) == 1:
             self._cache = out
         return out
+
+    def checked(self, merged: torch.Tensor, i: int) -> torch.Tensor:
+        """Block ``i``'s fp32 result, once it is known to be finite.  Where inputs were not checked as they were
+        read, a non-finite result means a NaN/Inf input (found by reading the block again, checked: the error
+        names the file) or, when every input is finite, a merge that overflows fp32."""
+        if self.check_inputs or _finite(merged):
+            return merged
+        self.read(i, check=True)
+        raise ModelError(
+            f"tensor {self.name}: the {self.method.name} merge overflows float32 with these weights / lambda; "
+            "use smaller ones"
+        )
 
     def context(self, state) -> TensorContext:
         """The tensor's context, after running the method's block passes (``ctx.local``)."""
@@ -188,12 +211,12 @@ def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str, state=None,
     ctx = x.context(state)
     if x.common is None:  # a 0-d tensor
         base, experts = x.read(0)
-        return x.method.merge(base, experts, x.params, ctx).to(plan.out_dtype).cpu()
+        return x.checked(x.method.merge(base, experts, x.params, ctx), 0).to(plan.out_dtype).cpu()
     out = torch.empty((plan.vocab_rows.get(name, x.shape[0]), *x.shape[1:]), dtype=plan.out_dtype)
     for i, (start, stop) in enumerate(x.blocks):
         base, experts = x.read(i)
         # copy_ casts while it copies (and brings a GPU result back): one pass, no output-dtype temporary
-        out[start:stop].copy_(x.method.merge(base, experts, x.params, replace(ctx, block=i)))
+        out[start:stop].copy_(x.checked(x.method.merge(base, experts, x.params, replace(ctx, block=i)), i))
     filled = x.common  # rows beyond the common vocabulary come from the model that has them, base first
     for m in models:
         if m.shape(name)[0] > filled:
