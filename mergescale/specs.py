@@ -110,7 +110,7 @@ def from_mergekit(raw: dict, source: str, text: str = "") -> MergeSpec:
 
     unknown = [k for k in raw if k not in _MERGEKIT_KEYS + _MERGEKIT_UNSUPPORTED]
     if unknown:
-        raise fail((unknown[0],), f"key `{unknown[0]}`: not a mergekit key{_known(_MERGEKIT_KEYS, unknown[0])}")
+        raise fail((unknown[0],), f"key `{unknown[0]}`: not a mergekit key{known_hint(_MERGEKIT_KEYS, unknown[0])}")
     if "slices" in raw or "modules" in raw:
         raise fail(
             ("slices" if "slices" in raw else "modules",),
@@ -151,7 +151,7 @@ def from_mergekit(raw: dict, source: str, text: str = "") -> MergeSpec:
         if bad:
             raise fail(
                 ("models", i, bad[0]),
-                f"key `models.{i}.{bad[0]}`: not a mergekit key{_known(_MERGEKIT_MODEL_KEYS, bad[0])}",
+                f"key `models.{i}.{bad[0]}`: not a mergekit key{known_hint(_MERGEKIT_MODEL_KEYS, bad[0])}",
             )
         if "model" not in entry:
             raise fail(("models", i), f"key `models.{i}`: every entry of `models:` needs a `model:` key")
@@ -334,7 +334,7 @@ def _where(source: str, text: str, loc: tuple) -> str:
     return f"{source}:{line}" if line else source
 
 
-def _known(keys: Any, key: Any) -> str:
+def known_hint(keys: Any, key: Any) -> str:
     """The hint after an unknown ``key``: the closest of the known ``keys``, then all of them."""
     keys = list(keys)
     close = difflib.get_close_matches(str(key), keys, n=1)
@@ -388,7 +388,7 @@ def _spec_error(
     located = [(e, *_locate(model, tuple(e["loc"]))) for e in err.errors()]
     # of a union's members, the one that got deepest into the value is the one the user meant
     e, path, owner = min(located, key=lambda x: (x[0]["type"] != "extra_forbidden", -len(x[1])))
-    hint = _known(owner.model_fields, path[-1]) if e["type"] == "extra_forbidden" and owner else ""
+    hint = known_hint(owner.model_fields, path[-1]) if e["type"] == "extra_forbidden" and owner else ""
     path = user_path(path) if user_path else path
     key = ".".join(str(p) for p in path) or "(top level)"
     return SpecError(f"{_where(source, text, path)}: key `{key}`: {e['msg']}{hint}")

@@ -50,3 +50,26 @@ def test_mergekit_filters_first_match_wins():
     assert resolve(setting, site("model.layers.4.self_attn.o_proj.weight")) == 1.0
     assert resolve(setting, site("model.layers.4.mlp.up_proj.weight")) == 0.7
     assert resolve(setting, site("model.norm.weight")) == 0.5
+
+
+def test_layer_groups_are_contiguous_and_piecewise_constant():
+    # five layers in two groups: layers 0-2 in group 0 (i*2//5 = 0, 0, 0), layers 3-4 in group 1
+    setting = {"groups": [0.1, 0.7]}
+    got = [resolve(setting, site(f"model.layers.{i}.mlp.up_proj.weight")) for i in range(L)]
+    assert got == [0.1, 0.1, 0.1, 0.7, 0.7]  # exact: picked, not interpolated
+    assert resolve({"groups": [0.1, 0.2, 0.3, 0.4, 0.5]}, site("model.layers.3.self_attn.q_proj.weight")) == 0.4
+    # tensors outside the layers take group 0 (t = 0 of a gradient); groups nest in submodules and vice versa
+    assert resolve(setting, site("lm_head.weight")) == 0.1
+    nested = {"attention": {"groups": [1.0, 2.0]}, "default": 0.5}
+    assert resolve(nested, site("model.layers.4.self_attn.v_proj.weight")) == 2.0
+    assert resolve(nested, site("model.layers.4.mlp.up_proj.weight")) == 0.5
+    per_group = {"groups": [{"attention": 1.0, "default": 3.0}, 4.0]}
+    assert resolve(per_group, site("model.layers.0.mlp.up_proj.weight")) == 3.0
+
+
+def test_bad_layer_groups_name_the_key():
+    with pytest.raises(MergescaleError, match=r"parameters.density: 6 layer groups but the model has 5 layers"):
+        resolve({"groups": [0.1] * 6}, site("model.layers.0.mlp.up_proj.weight"), "parameters.density")
+    for bad in ({"groups": []}, {"groups": 0.3}, {"groups": [0.1], "default": 0.2}):
+        with pytest.raises(MergescaleError, match=r"parameters.t: layer groups are written"):
+            resolve(bad, site("model.layers.0.mlp.up_proj.weight"), "parameters.t")

@@ -11,7 +11,11 @@ A setting may be
   default: …}`` — each value itself a scalar or a gradient; the submodule is read from the
   tensor name through the architecture's naming (``locate``), never by a method;
 * a list of ``{filter: str, value: …}`` conditions (mergekit's form): the first whose
-  ``filter`` is a substring of the tensor name (or is absent / ``"*"``) applies.
+  ``filter`` is a substring of the tensor name (or is absent / ``"*"``) applies;
+* layer groups — ``{groups: [v0, …, vK-1]}``: the ``L`` layers cut into ``K`` contiguous groups, layer
+  ``i`` in group ``⌊i·K/L⌋``, each group its own value (piecewise constant, no interpolation; a search's
+  ``layer_groups``, as mergekit-evolve's genotype).  Tensors outside the layers take group 0's value,
+  as they take ``t = 0`` in a gradient.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ def resolve(setting: Any, site: TensorSite, key: str = "parameter") -> Any:
     if isinstance(setting, dict):
         if "filter" in setting or "value" in setting:
             return resolve([setting], site, key)
+        if "groups" in setting:
+            return _group(setting, site, key)
         unknown = set(setting) - set(SUBMODULES) - {"default"}
         if unknown:
             raise MergescaleError(
@@ -97,6 +103,22 @@ def resolve(setting: Any, site: TensorSite, key: str = "parameter") -> Any:
                 return resolve(cond["value"], site, key)
         return None
     raise MergescaleError(f"{key}: cannot read {setting!r} as a value")
+
+
+def _group(setting: dict, site: TensorSite, key: str) -> Any:
+    """The value of a ``{groups: [...]}`` setting at ``site`` (module docstring)."""
+    values = setting["groups"]
+    if set(setting) != {"groups"} or not isinstance(values, list) or not values:
+        raise MergescaleError(
+            f"{key}: layer groups are written `{{groups: [v0, v1, ...]}}`, a non-empty list and no other key"
+        )
+    if len(values) > max(site.num_layers, 1):
+        raise MergescaleError(
+            f"{key}: {len(values)} layer groups but the model has {site.num_layers} layers; "
+            f"use at most {site.num_layers}"
+        )
+    group = 0 if site.layer is None else site.layer * len(values) // site.num_layers
+    return resolve(values[group], site, key)
 
 
 def _gradient(values: list, t: float) -> Any:
