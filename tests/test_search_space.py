@@ -5,10 +5,14 @@ granularity resolution (``plan.params_for``), the path every merge takes."""
 import random
 
 import pytest
+import torch
 import yaml
+from test_merge import TINY, tiny_model
 
+from mergescale.checkpoints import ModelDir
 from mergescale.errors import SpecError
 from mergescale.merge_ops.granularity import locate
+from mergescale.orchestrator.merge import run_merge
 from mergescale.orchestrator.plan import params_for
 from mergescale.search_space import SearchSpace
 from mergescale.specs import MergeSpec
@@ -78,6 +82,28 @@ def test_every_tensor_gets_its_coordinates_values_through_the_planner():
     layer = [locate(f"model.layers.{i}.mlp.up_proj.weight", L) for i in range(L)]
     density = [params_for(spec, s)[0].density for s in layer]
     assert density == [vector[f"density/expert=0/group={g}"] for g in (0, 0, 1, 1, 2, 2)]
+
+
+def test_a_searched_spec_merges_with_each_group_and_submodule_value(tmp_path):
+    """A vector written into a real task-arithmetic merge of real files (the one-off runner): every tensor is
+    θ0 + λ Σ wi τi with the λ of its layer group / submodule and the weights of the vector."""
+    base, a, b = (tiny_model(tmp_path / n, seed) for n, seed in (("base", 0), ("a", 1), ("b", 2)))
+    spec = MergeSpec.model_validate({"method": "task_arithmetic", "base": str(base), "experts": [str(a), str(b)]})
+    layers = TINY["num_hidden_layers"]  # 2 layers, 2 groups: one layer each
+    space = SearchSpace(spec, {"weight": {"low": 0.0, "high": 1.0, "per": "expert"},
+                               "lambda": {"low": 0.1, "high": 2.0, "layer_groups": 2,
+                                          "submodules": ["mlp", "default"]}}, layers)  # fmt: skip
+    vector = {"weight/expert=0": 0.25, "weight/expert=1": 0.75, "lambda/mlp/group=0": 0.5,
+              "lambda/mlp/group=1": 1.5, "lambda/default/group=0": 1.0, "lambda/default/group=1": 2.0}  # fmt: skip
+    out = run_merge(space.to_spec(vector), tmp_path / "merged", progress=False).path
+    merged, models = ModelDir(out), [ModelDir(p) for p in (base, a, b)]
+    for name in merged.names:
+        site = locate(name, layers)
+        group = 0 if site.layer is None else site.layer
+        lam = vector[f"lambda/{'mlp' if site.submodule == 'mlp' else 'default'}/group={group}"]
+        t0, t1, t2 = (m.tensor(name) for m in models)
+        want = t0 + lam * (0.25 * (t1 - t0) + 0.75 * (t2 - t0))
+        torch.testing.assert_close(merged.tensor(name), want, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_choices_are_kept_with_their_type():
