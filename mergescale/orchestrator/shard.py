@@ -130,13 +130,14 @@ class _TensorInputs:
         # inputs are checked for NaN/Inf as they are read, or through the result (Method.nonfinite_propagates)
         self.check_inputs = whole or not self.method.nonfinite_propagates
 
-    def read(self, i: int, check: bool | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """(base, experts) for block ``i``; a tensor in one block is read once for every pass."""
-        if self._cache is not None and check is None:
+    def read(self, i: int, recheck: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(base, experts) for block ``i``; a tensor in one block is read once for every pass (``recheck``: read
+        again, every input checked for NaN/Inf)."""
+        if self._cache is not None and not recheck:
             return self._cache
         has_base = self.plan.base is not None
         stored = has_base and self.method.experts_as_stored  # experts only meet the fp32 base: no upcast
-        check = self.check_inputs if check is None else check
+        check = recheck or self.check_inputs
         tensors = [
             _read(m, self.name, self.blocks[i], self.device, upcast=not (stored and j > 0), check=check)
             for j, m in enumerate(self.models)
@@ -152,7 +153,7 @@ class _TensorInputs:
         names the file) or, when every input is finite, a merge that overflows fp32."""
         if self.check_inputs or _finite(merged):
             return merged
-        self.read(i, check=True)
+        self.read(i, recheck=True)
         raise ModelError(
             f"tensor {self.name}: the {self.method.name} merge overflows float32 with these weights / lambda; "
             "use smaller ones"
