@@ -170,6 +170,30 @@ def _study_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from mergescale.orchestrator.search import run_search
+    from mergescale.specs import load_search_spec
+
+    spec = load_search_spec(args.spec)
+    run = run_search(spec, args.spec, args.out, address=args.address, progress=not args.quiet)
+    b, t = run.best, run.test
+    print(
+        f"best: trial {b['trial']} of {run.trials}, objective {b['objective']:.4f} on the validation split "
+        f"({t['objective']:.4f} on the test split); held-in normalized {b['held_in']:.4f} validation, "
+        f"{t['held_in']:.4f} test",
+        file=console.stderr(),
+    )
+    print(run.best_dir, file=console.stdout())
+    overhead = f" ({run.overhead:.0%} of the trials' wall time not merging or scoring)" if run.overhead else ""
+    print(
+        f"search {spec.name}: {run.trials} trials, {run.ran} finished now, in {run.seconds:.1f} s{overhead}; trials in "
+        f"{run.results / 'trials.parquet'}; report: mergescale study report {run.results / 'trials'} --out DIR",
+        file=console.stderr(),
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergescale",
@@ -255,6 +279,17 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=Path, required=True, help="directory for the report files")
     rp.add_argument("--metric", help="metric to report (default: each task's primary metric)")
     rp.set_defaults(run=_study_report)
+
+    se = sub.add_parser("search", help="search a merge's coefficients with Ray Tune; write the best merge (resumable)")
+    se.add_argument("spec", type=Path, metavar="SEARCH.yaml")
+    se.add_argument("--out", type=Path, help="results directory (default: the spec's `results:`, else results/NAME)")
+    se.add_argument(
+        "--address",
+        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray using this machine's cores); "
+        "the results directory must be one every node sees",
+    )
+    se.add_argument("--quiet", action="store_true", help="no progress bar")
+    se.set_defaults(run=_search)
     return p
 
 
@@ -281,6 +316,12 @@ def log_file(args: argparse.Namespace) -> Path | None:
 
         with_stamp = console.default_log("study").name
         return results_dir(load_study_spec(args.spec), args.spec, args.out) / "logs" / with_stamp
+    if command == "search":
+        from mergescale.orchestrator.study import results_dir
+        from mergescale.specs import load_search_spec
+
+        with_stamp = console.default_log("search").name
+        return results_dir(load_search_spec(args.spec), args.spec, args.out) / "logs" / with_stamp
     return console.default_log(command)
 
 

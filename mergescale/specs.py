@@ -258,6 +258,9 @@ class EvalSpec(BaseModel):
     divergences: bool = True
     include_paths: list[str] = Field(default_factory=list)  # extra lm-eval task YAML directories
     max_model_len: int | None = None
+    # the documents scored: None = lm-eval's choice (a task's test split when it has one); `validation`
+    # scores the validation split instead (a coefficient search's trials; never the split it reports)
+    split: Literal["validation"] | None = None
 
 
 class ResourcesSpec(BaseModel):
@@ -289,6 +292,79 @@ class StudySpec(BaseModel):
         if isinstance(v, dict):
             return {k: {"model": e} if isinstance(e, str) else e for k, e in v.items()}
         return v
+
+
+# ---------------------------------------------------------------- coefficient searches
+class SearchMerge(BaseModel):
+    """The merge a search tunes: its method and the settings it does not search (base and experts are the
+    search's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+    seed: int = 0
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+
+class AshaSpec(BaseModel):
+    """ASHA over document budgets: a trial is scored on ``min_limit`` validation documents per task, then
+    ``reduction_factor`` times more at each rung up to ``eval.limit``; the worst trials stop early."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_limit: int = Field(ge=1)
+    reduction_factor: int = Field(3, ge=2)
+
+
+class SearcherSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    algorithm: Literal["grid", "random", "optuna", "cmaes"] = "cmaes"  # optuna = TPE
+    trials: int | None = Field(None, ge=1)  # the budget (default 32; grid: every point of the grid)
+    parallel: int | None = Field(None, ge=1)  # trials evaluated as one batch (CMA-ES: its population size)
+    seed: int = 0
+    asha: AshaSpec | None = None
+    loggers: list[Literal["tensorboard", "mlflow", "csv", "json"]] = Field(default_factory=list)
+
+
+class ObjectiveSpec(BaseModel):
+    """What a trial scores, maximized: ``held_in`` × mean normalized held-in score on the validation split −
+    ``divergence`` × mean ``metric`` divergence to each expert on its task's validation inputs (no labels) −
+    ``held_out`` × mean held-out loss (1 − held-out normalized score, when below 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+    held_in: float = Field(1.0, ge=0)
+    divergence: float = Field(0.0, ge=0)
+    metric: Literal["js", "kl"] = "js"
+    held_out: float = Field(0.0, ge=0)
+    tasks: list[str] | None = None  # the held-in tasks it uses (default: every expert's)
+
+
+class SearchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    zoo: dict[str, Any] | None = None  # {preset: tiny, seed: 0}: makes zoo:NAME references available
+    base: str
+    experts: dict[str, StudyExpert] | Literal["zoo"]
+    merge: SearchMerge
+    space: dict[str, Any] = Field(min_length=1)  # search_space.py: ranges, choices and fixed values
+    search: SearcherSpec = Field(default_factory=SearcherSpec)
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    results: str | None = None  # results directory (relative to the spec file); default results/<name>
+
+    _expert_entries = field_validator("experts", mode="before")(StudySpec._expert_entries.__func__)
+
+    def study(self, split: str | None, limit: int | dict | None) -> StudySpec:
+        """The search as a study of one subset (every expert) and one method: its models, evaluation suite
+        (``split``, ``limit`` documents) and resources — what each trial's job is keyed and run under."""
+        n = len(self.experts) if isinstance(self.experts, dict) else None
+        return StudySpec.model_validate({
+            "name": self.name, "zoo": self.zoo, "base": self.base,
+            "experts": {k: e.model_dump() for k, e in self.experts.items()} if n else self.experts,
+            "subsets": {"sizes": [n or 1]}, "seeds": [self.merge.seed], "resources": self.resources.model_dump(),
+            "methods": [{"method": self.merge.method, "parameters": self.merge.parameters}],
+            "eval": {**self.eval.model_dump(), "split": split, "limit": limit}, "results": self.results,
+        })  # fmt: skip
 
 
 # ---------------------------------------------------------------- reading YAML, reporting errors
@@ -392,6 +468,20 @@ def _spec_error(
     path = user_path(path) if user_path else path
     key = ".".join(str(p) for p in path) or "(top level)"
     return SpecError(f"{_where(source, text, path)}: key `{key}`: {e['msg']}{hint}")
+
+
+def load_search_spec(path: Path | str) -> SearchSpec:
+    """Read and validate a search YAML; an error names the file, the line and the key."""
+    path = Path(path)
+    text, raw = _read_yaml(path, "a search is a YAML mapping with name:, base:, experts:, merge:, space:")
+    try:
+        spec = SearchSpec.model_validate(raw)
+    except ValidationError as err:
+        raise _spec_error(err, SearchSpec, str(path), text) from None
+    if spec.eval.split is not None:
+        raise SpecError(f"{_where(str(path), text, ('eval', 'split'))}: key `eval.split`: a search scores its trials "
+                        "on the validation split and its best merge once on the test split; drop `split`")
+    return spec
 
 
 def load_study_spec(path: Path | str) -> StudySpec:

@@ -8,6 +8,7 @@ lm-eval bridge can be used without Ray.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -29,21 +30,30 @@ class Evaluator:
         self.backend: Backend = make_backend(backend, device=device, threads=threads, max_model_len=max_model_len,
                                              trust_remote_code=trust_remote_code)  # fmt: skip
         self.busy_seconds = 0.0
+        self.seen: set[str] = set()  # digests of every prompt / context scored (seen_prompts)
 
     def load(self, model: str) -> str:
         return self.backend.load(model)
 
     def generate(self, model: str, requests: Sequence[GenerateRequest]) -> list[str]:
         self.backend.load(model)
+        self.seen.update(prompt_digest(r.prompt) for r in requests)
         return self._timed(self.backend.generate, requests)
 
     def loglikelihood(self, model: str, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         self.backend.load(model)
+        self.seen.update(prompt_digest(context) for context, _ in pairs)
         return self._timed(self.backend.loglikelihood, pairs)
 
     def loglikelihood_rolling(self, model: str, texts: Sequence[str]) -> list[float]:
         self.backend.load(model)
+        self.seen.update(prompt_digest(t) for t in texts)
         return self._timed(self.backend.loglikelihood_rolling, texts)
+
+    def seen_prompts(self) -> list[str]:
+        """Digests (:func:`prompt_digest`) of every prompt this evaluator was asked to score or continue: the
+        audit a search keeps of what its trials read (never a test document before the end)."""
+        return sorted(self.seen)
 
     def reference(self, model: str, prompts: Sequence[str], max_tokens: int, out: str) -> str:
         """Write ``model``'s greedy continuation of every prompt (until EOS, which is kept, or
@@ -52,6 +62,7 @@ class Evaluator:
         from safetensors.torch import save_file
 
         self.backend.load(model)
+        self.seen.update(prompt_digest(p) for p in prompts)
         started = time.perf_counter()
         b = self.backend
         ids = [b._fit(b.encode(p), 0, room=max_tokens)[0] for p in prompts]
@@ -104,6 +115,11 @@ class Evaluator:
             return fn(arg)
         finally:
             self.busy_seconds += time.perf_counter() - started
+
+
+def prompt_digest(text: str) -> str:
+    """A short fingerprint of one prompt (an evaluator's request audit compares these, not the texts)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def _unflatten(flat: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:

@@ -76,6 +76,24 @@ def load_tasks(names: Sequence[str], include_paths: Sequence[str | Path] = ()) -
         return manager.load(list(names))
 
 
+def use_split(task_dict: dict, split: str | None) -> dict:
+    """Score ``task_dict``'s leaf tasks on ``split``: ``None`` leaves lm-eval's choice (the test split when a
+    task has one), ``validation`` scores the validation documents instead (a task without one is an error:
+    a search must never select on the split it reports)."""
+    if split is None:
+        return task_dict
+    if split != "validation":
+        raise MergescaleError(f"eval.split: {split!r}; give `validation` or leave it out (lm-eval's test split)")
+    for name, task in leaf_tasks(task_dict).items():
+        if not task.has_validation_docs():
+            raise MergescaleError(
+                f"task {name}: has no validation split, so it cannot be scored without its test documents; "
+                "give it a `validation_split:` in its YAML or leave it out of the objective"
+            )
+        task.config.test_split = None  # lm-eval's eval_docs: the test split if any, else the validation split
+    return task_dict
+
+
 def leaf_tasks(task_dict: dict) -> dict:
     return dict(task_dict["tasks"])
 

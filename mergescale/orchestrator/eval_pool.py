@@ -173,6 +173,14 @@ class EvaluatorPool:
                         on_done(models[futures[fut]], results[futures[fut]])
         return results
 
+    def seen_prompts(self) -> set[str]:
+        """The prompt digests the live actors received (``Evaluator.seen_prompts``): a request audit."""
+        seen: set[str] = set()
+        for slot in self._slots:
+            if slot.actor is not None:
+                seen.update(ray.get(slot.actor.seen_prompts.remote()))
+        return seen
+
     def stats(self) -> dict:
         """Engines started, in-place swaps and actors lost, over the pool's life."""
         swaps = 0

@@ -27,7 +27,7 @@ from mergescale.cache import cache_root
 from mergescale.checkpoints import weights_sha256
 from mergescale.errors import MergescaleError, ModelError
 from mergescale.eval import scores
-from mergescale.eval.harness import generation_prompts, leaf_tasks, load_tasks, run_tasks, subset
+from mergescale.eval.harness import generation_prompts, leaf_tasks, load_tasks, run_tasks, subset, use_split
 from mergescale.eval.lm import MergescaleLM
 from mergescale.orchestrator.cluster import connect
 from mergescale.orchestrator.eval_pool import EvaluatorPool, Lease
@@ -76,9 +76,9 @@ class EvalSuite:
                  experts: Mapping[str, str | Path] | None = None, include_paths: Sequence[str | Path] = (),
                  limit: int | None | Mapping[str, int | None] = None, backend: str = "vllm",
                  divergences: bool = True, reference_dir: Path | None = None,
-                 hashes: Mapping[str, str] | None = None):  # fmt: skip
-        self.tasks, self.include_paths, self.backend = list(tasks), list(include_paths), backend
-        self.task_dict = load_tasks(self.tasks, self.include_paths)
+                 hashes: Mapping[str, str] | None = None, split: str | None = None):  # fmt: skip
+        self.tasks, self.include_paths, self.backend, self.split = list(tasks), list(include_paths), backend, split
+        self.task_dict = use_split(load_tasks(self.tasks, self.include_paths), split)
         self.names = list(leaf_tasks(self.task_dict))
         self.base = _check_models([base])[0] if base else None
         self.experts = {task: _check_models([p])[0] for task, p in (experts or {}).items()}
@@ -113,7 +113,7 @@ class EvalSuite:
         try:
             mine = self._task_sets.get_nowait()
         except queue.Empty:
-            mine = load_tasks(self.tasks, self.include_paths)
+            mine = use_split(load_tasks(self.tasks, self.include_paths), self.split)
         try:
             wanted = self.names if tasks is None else list(tasks)
             part = mine if wanted == self.names else subset(mine, wanted)

@@ -27,21 +27,24 @@ class Job:
     experts: tuple[str, ...]
     seed: int
     model_id: str  # display name: "<label>/<expert>+<expert>[/seed=N]"
+    expert_parameters: str = ""  # canonical JSON list of each expert's own parameters (a search's trials)
 
     def merge_spec(self, models: StudyModels) -> MergeSpec:
-        experts = [{"model": models.experts[e][0], "task": models.experts[e][1]} for e in self.experts]
+        own = json.loads(self.expert_parameters) if self.expert_parameters else [{} for _ in self.experts]
+        experts = [{"model": models.experts[e][0], "task": models.experts[e][1], "parameters": p}
+                   for e, p in zip(self.experts, own, strict=True)]  # fmt: skip
         return MergeSpec.model_validate({
             "method": self.method, "base": models.base, "experts": experts,
             "parameters": json.loads(self.parameters), "seed": self.seed,
         })  # fmt: skip
 
 
-def _canonical(value) -> str:
+def canonical(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _digest(value) -> str:
-    return hashlib.sha256(_canonical(value).encode()).hexdigest()
+    return hashlib.sha256(canonical(value).encode()).hexdigest()
 
 
 def subsets(spec: StudySpec, names: list[str]) -> list[tuple[str, ...]]:
@@ -77,7 +80,7 @@ def _configs(spec: StudySpec) -> list[tuple[str, str, dict]]:
             grid = dict(zip(axes, point, strict=True))
             # the default label states what ran (e.g. "ties global"); grid values it states are not repeated
             shown = {a: v for a, v in grid.items() if m.label or a not in method.label_keys}
-            suffix = " ".join(f"{a}={_canonical(v).strip(chr(34))}" for a, v in shown.items())
+            suffix = " ".join(f"{a}={canonical(v).strip(chr(34))}" for a, v in shown.items())
             label = " ".join(x for x in (m.label or method.label({**m.parameters, **grid}), suffix) if x)
             out.append((m.method, label, {**m.parameters, **grid}))
     labels = [c[1] for c in out]
@@ -90,7 +93,23 @@ def _configs(spec: StudySpec) -> list[tuple[str, str, dict]]:
 def suite_key(spec: StudySpec, held_in: list[str]) -> dict:
     e = spec.eval
     return {"held_in": held_in, "held_out": e.held_out, "limit": e.limit, "backend": e.backend,
-            "divergences": e.divergences, "include_paths": e.include_paths}  # fmt: skip
+            "divergences": e.divergences, "include_paths": e.include_paths,
+            **({"split": e.split} if e.split else {})}  # fmt: skip
+
+
+def job_key(spec: StudySpec, models: StudyModels, subset, method: str, params: dict, seed: int,
+            expert_params: list[dict] | None = None) -> str:  # fmt: skip
+    """The content hash of one merge job under ``spec``'s evaluation suite (a study's, or a search's trial:
+    ``expert_params``, each expert's own parameters, enter the hash only when given)."""
+    held_in = [models.task_of(e) for e in subset]
+    return _digest({
+        "base": models.hashes[models.base],
+        "experts": [[e, models.hashes[models.experts[e][0]]] for e in subset],
+        "method": method, "parameters": params, "seed": seed,
+        **({"expert_parameters": expert_params} if expert_params else {}),
+        "suite": suite_key(spec, held_in), "mergescale": mergescale.__version__,
+        **({"factors": models.factors} if models.factors else {}),
+    })  # fmt: skip
 
 
 def expand(spec: StudySpec, models: StudyModels) -> list[Job]:
@@ -101,17 +120,10 @@ def expand(spec: StudySpec, models: StudyModels) -> list[Job]:
     for subset in subsets(spec, names):
         for method, label, params in _configs(spec):
             for seed in spec.seeds:
-                held_in = [models.task_of(e) for e in subset]
-                key = _digest({
-                    "base": models.hashes[models.base],
-                    "experts": [[e, models.hashes[models.experts[e][0]]] for e in subset],
-                    "method": method, "parameters": params, "seed": seed,
-                    "suite": suite_key(spec, held_in), "mergescale": mergescale.__version__,
-                    **({"factors": models.factors} if models.factors else {}),
-                })  # fmt: skip
+                key = job_key(spec, models, subset, method, params, seed)
                 model_id = f"{label}/{'+'.join(subset)}" + (f"/seed={seed}" if len(spec.seeds) > 1 else "")
                 model_id = f"[{models.member}] {model_id}" if models.member else model_id
-                jobs.append(Job(key, method, label, _canonical(params), tuple(subset), seed, model_id))
+                jobs.append(Job(key, method, label, canonical(params), tuple(subset), seed, model_id))
     return jobs
 
 

@@ -226,62 +226,79 @@ def _pool_size(spec: StudySpec) -> tuple[int | None, int]:
     return max(1, (cpus - r.merges_in_flight * r.merge_workers) // threads), threads
 
 
-def _run(spec, models, results, pending, refs, refs_done, address, progress):
-    from mergescale.orchestrator.cluster import connect
-    from mergescale.orchestrator.eval_pool import EvaluatorPool
+def make_suite(spec: StudySpec, models: StudyModels, results: Path):
+    """The evaluation suite of ``models`` under ``spec.eval`` (held-in: the experts' tasks; divergence
+    references under ``results``), and its leaf held-out tasks."""
     from mergescale.orchestrator.evaluate import EvalSuite
 
     suite = EvalSuite(
         [t for _, t in models.experts.values()] + spec.eval.held_out,
         base=models.base, experts={t: p for p, t in models.experts.values()},
-        include_paths=spec.eval.include_paths,
-        limit=spec.eval.limit, backend=spec.eval.backend, divergences=spec.eval.divergences,
-        reference_dir=results / store.REFERENCES, hashes=models.hashes,
+        include_paths=spec.eval.include_paths, limit=spec.eval.limit, backend=spec.eval.backend,
+        divergences=spec.eval.divergences, reference_dir=results / store.REFERENCES, hashes=models.hashes,
+        split=spec.eval.split,
     )  # fmt: skip
     held_in_tasks = {t for _, t in models.experts.values()}
-    held_out = [t for t in suite.names if t not in held_in_tasks]
-    connect(address)
+    return suite, [t for t in suite.names if t not in held_in_tasks]
+
+
+def make_pool(spec: StudySpec):
+    """The evaluator pool of ``spec.resources`` on the Ray cluster this process joined."""
+    from mergescale.orchestrator.eval_pool import EvaluatorPool
+
     actors, threads = _pool_size(spec)
-    r = spec.resources
-    pool = EvaluatorPool(spec.eval.backend, actors=actors, threads=threads, device=r.device,
+    return EvaluatorPool(spec.eval.backend, actors=actors, threads=threads, device=spec.resources.device,
                          max_model_len=spec.eval.max_model_len)  # fmt: skip
+
+
+def evaluate_references(ctx: StudyContext, refs: list[dict], refs_done: set[str], on_done=None) -> int:
+    """Evaluate the reference units ``refs`` not in ``refs_done`` on every task of the suite, write each
+    as a unit of the store, and set ``ctx.reference_rows`` (old and new).  Returns the units evaluated."""
+    spec, models, results, suite, pool = ctx.spec, ctx.models, ctx.results, ctx.suite, ctx.pool
+    todo = [u for u in refs if u["key"] not in refs_done]
+    outcome, envs = {}, {}
+    if todo:
+        paths = [u["path"] for u in todo]
+        evaluated = pool.map(lambda lease, m: (suite.evaluate(lease, m), lease.info()), paths,
+                             on_done and (lambda m, _: on_done()))  # fmt: skip
+        for u, (got, env) in zip(todo, evaluated, strict=True):
+            outcome[u["path"]], envs[u["path"]] = got, env
+    old = [row for u in refs if u["key"] in refs_done for row in store.read_unit(results, store.REFERENCES, u["key"])]
+    old = [{**row, "model": row["model_path"]} for row in old]
+    rows = suite.rows(outcome, models.hashes, old) if outcome else []
+    for u in todo:
+        mine = [{**row, "model": u["model_id"]} for row in rows if row["model"] == u["path"]]
+        store.write_unit(results, store.REFERENCES, u["key"], store.complete(
+            mine, study=spec.name, job_key=u["key"], job_kind=u["kind"], label=u["kind"],
+            experts=u["experts"], n_experts=len(u["experts"]), model_path=u["path"],
+            zoo_key=models.zoo_key, zoo_host=models.zoo_host, **models.factors,
+            **{c: envs[u["path"]].get(c) for c in provenance.COLUMNS}))  # fmt: skip
+    ctx.reference_rows = [r for r in old + rows if r["kind"] == "score"]
+    missing = [p for t, p in suite.experts.items() if t in suite.ref_files and not suite.ref_files[t].exists()]
+    if missing:  # references evaluated earlier whose divergence files are gone
+        pool.map(lambda lease, m: suite.write_references(lease, m), list(dict.fromkeys(missing)))
+    return len(todo)
+
+
+def _run(spec, models, results, pending, refs, refs_done, address, progress):
+    from mergescale.orchestrator.cluster import connect
+
+    suite, held_out = make_suite(spec, models, results)
+    connect(address)
+    pool = make_pool(spec)
+    r = spec.resources
     ctx = StudyContext(spec, models, results, suite, pool, held_out, device=r.device,
                        merge_slots=threading.Semaphore(r.merges_in_flight))  # fmt: skip
     todo_refs = [u for u in refs if u["key"] not in refs_done]
     with _Bars(progress, len(pending), len(pending) + len(todo_refs)) as bars:
         ctx.on_merged = lambda job: bars.advance("merge")
-
-        def references() -> None:
-            outcome, envs = {}, {}
-            if todo_refs:
-                paths = [u["path"] for u in todo_refs]
-                evaluated = pool.map(lambda lease, m: (suite.evaluate(lease, m), lease.info()), paths,
-                                     lambda m, _: bars.advance("eval"))  # fmt: skip
-                for u, (got, env) in zip(todo_refs, evaluated, strict=True):
-                    outcome[u["path"]], envs[u["path"]] = got, env
-            old = [row for u in refs if u["key"] in refs_done for row in store.read_unit(results, store.REFERENCES,
-                                                                                        u["key"])]  # fmt: skip
-            old = [{**row, "model": row["model_path"]} for row in old]
-            rows = suite.rows(outcome, models.hashes, old) if outcome else []
-            for u in todo_refs:
-                mine = [{**row, "model": u["model_id"]} for row in rows if row["model"] == u["path"]]
-                store.write_unit(results, store.REFERENCES, u["key"], store.complete(
-                    mine, study=spec.name, job_key=u["key"], job_kind=u["kind"], label=u["kind"],
-                    experts=u["experts"], n_experts=len(u["experts"]), model_path=u["path"],
-                    zoo_key=models.zoo_key, zoo_host=models.zoo_host, **models.factors,
-                    **{c: envs[u["path"]].get(c) for c in provenance.COLUMNS}))  # fmt: skip
-            ctx.reference_rows = [r for r in old + [r for r in rows if r["kind"] == "score"] if r["kind"] == "score"]
-            missing = [p for t, p in suite.experts.items() if t in suite.ref_files and not suite.ref_files[t].exists()]
-            if missing:  # references evaluated earlier whose divergence files are gone
-                pool.map(lambda lease, m: suite.write_references(lease, m), list(dict.fromkeys(missing)))
-
         ran = 0
         ex = ThreadPoolExecutor(pool.size + r.merges_in_flight + 1, thread_name_prefix="job")
         try:
 
             def references_or_stop() -> None:
                 try:
-                    references()
+                    evaluate_references(ctx, refs, refs_done, lambda: bars.advance("eval"))
                 except BaseException:
                     ctx.failed.set()  # before the jobs waiting for the references wake up
                     raise
