@@ -70,6 +70,12 @@ def test_the_ci_search_writes_the_best_merge_its_card_the_trials_and_the_plots(c
     assert len(test_jobs) == 1 and test_jobs[0].stem in card
     assert (out / "plots" / "objective.png").stat().st_size > 10_000
     assert list((out / "tune").glob("run-000/trial_*"))  # Tune's own logs, in the results directory
+    # the trials store is a study store, and its report says which split it scored
+    report = subprocess.run([str(MERGESCALE), "study", "report", str(out / "trials"), "--out", str(out / "report")],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    board = (out / "report" / "leaderboard.md").read_text()
+    assert "validation split (a coefficient search's trials)" in board and f"ties trial {top['trial']}" in board
 
 
 @pytest.mark.ray
@@ -127,7 +133,8 @@ def test_a_killed_search_resumes_on_a_cluster_without_repeating_a_trial_and_find
         time.sleep(2)
         if not (out / "optuna.journal").is_file():
             continue
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
+        journal = optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))
+        storage = optuna.storages.JournalStorage(journal)
         try:
             trials = optuna.load_study(study_name="search_ci", storage=storage).trials
         except KeyError:
@@ -213,7 +220,7 @@ BAD = [
 def test_a_bad_search_spec_is_one_line_naming_the_key_and_nothing_is_written(tiny_zoo, tmp_path, change, message):
     raw = {**yaml.safe_load(CI.read_text()), **change}
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     res = _search(path, tmp_path / "out", timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [line for line in res.stderr.splitlines() if line.startswith("mergescale: error:")]

@@ -97,6 +97,7 @@ class _Study:
     references: dict[str, dict[str, float]]  # reference model -> task -> raw value of the metric
     tasks: list[tuple[str, str]]  # (role, task) columns of merge jobs: held-in first, then held-out
     reference_tasks: list[str]  # the tasks of the reference models, held-in first
+    split: str | None = None  # the split every unit scored (eval.split): None = lm-eval's test split
 
 
 def _finite(values: Iterable[float | None]) -> list[float]:
@@ -246,7 +247,12 @@ def _study(table: pa.Table, metric: str | None, where: str) -> _Study:
     reference_tasks = sorted(roles_seen, key=lambda t: (HELD_IN not in roles_seen[t], t))
     name = " + ".join(dict.fromkeys(r["study"] for r in rows if r["study"])) or Path(where).name
     refs = {m: {t: statistics.fmean(v) for t, v in by_task.items()} for m, by_task in references.items()}
-    return _Study(name=name, metric=metric, jobs=ordered, references=refs, tasks=tasks, reference_tasks=reference_tasks)
+    splits = {r.get("split") for r in rows}
+    if len(splits) > 1:
+        raise MergescaleError(f"{where}: units scored on different splits ({', '.join(sorted(map(str, splits)))}); "
+                              "report each split's stores apart")  # fmt: skip
+    return _Study(name=name, metric=metric, jobs=ordered, references=refs, tasks=tasks,
+                  reference_tasks=reference_tasks, split=splits.pop())  # fmt: skip
 
 
 def read_stores(stores: Sequence[Path | str]) -> pa.Table:
@@ -642,7 +648,9 @@ def _blocks(study: _Study, board: list[dict]) -> list[_Block]:
             "pool (each expert draws a Dirichlet(1, ..., 1) weight, a merge weighs the product of its experts' "
             f"weights; seed {BOOTSTRAP_SEED}), so merges that share experts are not counted as independent; "
             "'-' where a size has a single subset (e.g. all n of n experts), which has no interval. "
-            "Seeds are not resampled. JS, merge s and eval s are means over all jobs.",
+            "Seeds are not resampled. JS, merge s and eval s are means over all jobs."
+            + (" Scored on the tasks' validation split (a coefficient search's trials), not their test split."
+               if study.split == "validation" else ""),
         ),
         _Block("h2", "Method leaderboard"),
         _Block("table", header=board_header, rows=board_rows),

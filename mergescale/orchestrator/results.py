@@ -48,7 +48,10 @@ SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),  # merge seed
         pa.field("merge_seconds", pa.float64()),  # wall time of the merge (null for references)
         pa.field("model_path", pa.string()),  # where the model is on disk (null once deleted)
-        pa.field("fit", pa.string()),  # data-driven methods: JSON of the fit's data, coefficients, seconds
+        pa.field("fit", pa.string()),
+        # the documents scored: null = lm-eval's choice (a task's test split when it has one), "validation"
+        # for a coefficient search's trials (eval.split)
+        pa.field("split", pa.string()),  # data-driven methods: JSON of the fit's data, coefficients, seconds
         # provenance (null in stores written before it was recorded): the zoo's key when the models are a
         # zoo's, and the evaluator process's torch / vLLM versions and CPU (``mergescale.provenance``)
         pa.field("zoo_key", pa.string()),

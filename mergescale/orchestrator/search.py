@@ -39,6 +39,7 @@ from mergescale import console, files
 from mergescale.errors import MergescaleError, SpecError
 from mergescale.orchestrator import results as store
 from mergescale.orchestrator.jobs import Job, canonical, job_key, reference_units
+from mergescale.orchestrator.search_trial import trial
 from mergescale.orchestrator.study import (
     StudyContext,
     evaluate_references,
@@ -147,11 +148,17 @@ class TrialRunner:
         else:
             rows = merge_and_evaluate(job, ctx)
             self.busy.append((started, time.time()))
+        log.debug("trial %s (%s, %s documents): %s in %.2f s", trial, split or "test", limit,
+                  "read from the store" if cached else "merged and scored", time.time() - started)  # fmt: skip
         merge_s = next((r["merge_seconds"] for r in rows if r["merge_seconds"] is not None), None)
         eval_s = next((r["eval_seconds"] for r in rows if r["eval_seconds"] is not None), None)
         return {**objective(rows, self.spec, self.tasks), "job_key": key, "limit": limit or 0,
                 "merge_seconds": merge_s, "eval_seconds": eval_s, "cached": cached,
                 "model_path": None if split else str(model)}  # fmt: skip
+
+    def prepare(self, limit) -> None:
+        """Score the reference models on the first budget now, while Tune starts its trials."""
+        self._context("validation", limit)
 
     def audit(self) -> list[str]:
         return sorted(self.pool.seen_prompts())
@@ -171,15 +178,6 @@ def _card(model: Path) -> str:
     return card.read_text() if card.is_file() else ""
 
 
-def _trial(config: dict, runner, budgets: list) -> None:
-    """One Tune trial: its vector scored on each document budget in turn (one rung each under ASHA)."""
-    from ray import tune
-
-    for rung, limit in enumerate(budgets):
-        metrics = ray.get(runner.evaluate.remote(config["trial"], config["vector"], limit))
-        tune.report({**{k: v for k, v in metrics.items() if k != "model_path"}, "rung": rung})
-
-
 # ---------------------------------------------------------------- the searcher
 def _sampler(spec: SearchSpec, space: SearchSpace, number: int):
     """The Optuna sampler that draws trial ``number`` — seeded by (seed, number), so a resumed search draws
@@ -188,13 +186,21 @@ def _sampler(spec: SearchSpec, space: SearchSpace, number: int):
 
     s = spec.search
     seed = (s.seed * 1_000_003 + number) % 2**31
-    if s.algorithm == "grid":
-        return optuna.samplers.GridSampler({c.name: list(c.domain.values) for c in space.coordinates}, seed=s.seed)
-    if s.algorithm == "random":
+    if s.algorithm in ("random", "grid"):  # grid: the point is enqueued (grid_point), the sampler not asked
         return optuna.samplers.RandomSampler(seed=seed)
     if s.algorithm == "optuna":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, budget(spec, space) // 4)))
     return optuna.samplers.CmaEsSampler(seed=seed, popsize=parallel(spec, space), warn_independent_sampling=False)
+
+
+def grid_point(space: SearchSpace, number: int) -> dict:
+    """Grid trial ``number``: the points in the order of ``itertools.product`` over the coordinates' values
+    (the last coordinate fastest), as a study's grid expands."""
+    point = {}
+    for c in reversed(space.coordinates):
+        number, i = divmod(number, len(c.domain.values))
+        point[c.name] = c.domain.values[i]
+    return {c.name: point[c.name] for c in space.coordinates}
 
 
 def distributions(space: SearchSpace) -> dict:
@@ -255,6 +261,8 @@ def _searcher(spec: SearchSpec, space: SearchSpace, study, full_limit):
                 return Searcher.FINISHED
             else:
                 study.sampler = _sampler(spec, space, len(study.trials))
+                if spec.search.algorithm == "grid":
+                    study.enqueue_trial(grid_point(space, len(study.trials)))
                 trial = study.ask(self.dists)
                 number, params = trial.number, trial.params
             self.live[trial_id] = number
@@ -263,7 +271,9 @@ def _searcher(spec: SearchSpec, space: SearchSpace, study, full_limit):
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             from optuna.trial import TrialState
 
-            number = self.live.pop(trial_id)
+            number = self.live.pop(trial_id, None)
+            if number is None:  # already told (Tune reports an error it raised here once more)
+                return
             self.waiting.discard(number)
             frozen = study.trials[number]
             if error or not result:
@@ -400,7 +410,11 @@ def run_search(spec: SearchSpec, spec_path: Path | str, out: Path | str | None =
             spec, models, space, str(results))  # fmt: skip
         try:
             done_before = _finished(study)
-            tune_seconds = _tune(spec, space, study, runner, rungs, results, progress)
+            trials_started = time.time()
+            prepared = runner.prepare.remote(rungs[0])  # the references, while Tune starts
+            _tune(spec, space, study, runner, rungs, results, progress)
+            ray.get(prepared)
+            tune_seconds = time.time() - trials_started if _finished(study) > done_before else 0.0
             busy = ray.get(runner.busy_intervals.remote())
             files.write_text(results / AUDIT, json.dumps({"trials": ray.get(runner.audit.remote())}) + "\n")
             best = best_trial(study, rungs[-1])
@@ -440,8 +454,8 @@ def _check_same_search(study, spec: SearchSpec, space: SearchSpace, results: Pat
                         "--out another directory (or delete this one) to start a new search")  # fmt: skip
 
 
-def _tune(spec: SearchSpec, space: SearchSpace, study, runner, rungs: list, results: Path, progress: bool) -> float:
-    """Run the trials not yet finished with Ray Tune; the wall time of the trials."""
+def _tune(spec: SearchSpec, space: SearchSpace, study, runner, rungs: list, results: Path, progress: bool) -> None:
+    """Run the trials not yet finished with Ray Tune."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console tables off: the progress bar says it
     n_batch = parallel(spec, space)
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(n_batch)  # start a whole batch at once (Tune's default: 1)
@@ -450,7 +464,7 @@ def _tune(spec: SearchSpec, space: SearchSpace, study, runner, rungs: list, resu
 
     total = budget(spec, space)
     if _finished(study) >= total:
-        return 0.0
+        return
     scheduler = None
     if spec.search.asha:
         from ray.tune.schedulers import ASHAScheduler
@@ -458,24 +472,22 @@ def _tune(spec: SearchSpec, space: SearchSpace, study, runner, rungs: list, resu
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=len(rungs), grace_period=1,
                                   reduction_factor=spec.search.asha.reduction_factor)  # fmt: skip
     searcher = ConcurrencyLimiter(_searcher(spec, space, study, rungs[-1]), max_concurrent=n_batch, batch=True)
-    trainable = tune.with_resources(tune.with_parameters(_trial, runner=runner, budgets=rungs),
+    trainable = tune.with_resources(tune.with_parameters(trial, runner=runner, budgets=rungs),
                                     {"cpu": 0, "memory": 1})  # a trial only waits for the runner  # fmt: skip
     runs = sorted(p.name for p in (results / TUNE).glob("run-*")) if (results / TUNE).is_dir() else []
     with _TrialBar(progress, study, total) as bar:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
-                                        metric=METRIC, mode="max", trial_dirname_creator=_dirname),
+                                        metric=METRIC, mode="max", trial_dirname_creator=_dirname,
+                                        reuse_actors=True),  # a batch's trials start without new actors
             run_config=tune.RunConfig(name=f"run-{len(runs):03d}", storage_path=str(results / TUNE), verbose=0,
                                       callbacks=[bar.callback(), *_loggers(spec, results)],
                                       failure_config=tune.FailureConfig(fail_fast=True)),
         )  # fmt: skip
-        started = time.time()
         grid = tuner.fit()
-        seconds = time.time() - started
     if grid.errors:
         raise _trial_error(grid.errors[0])
-    return seconds
 
 
 def _dirname(trial) -> str:

@@ -91,7 +91,7 @@ def merge_and_evaluate(job: Job, ctx: StudyContext) -> list[dict]:
         [{**r, "model": job.model_id} for r in rows],
         study=ctx.spec.name, job_key=job.key, job_kind=store.MERGE, method=job.method, label=job.label,
         parameters=job.parameters, experts=list(job.experts), n_experts=len(job.experts), seed=job.seed,
-        merge_seconds=merge_seconds, model_path=model if ctx.spec.keep_models else None,
+        merge_seconds=merge_seconds, model_path=model if ctx.spec.keep_models else None, split=ctx.spec.eval.split,
         fit=_fit_record(out, ctx.results, job.key), zoo_key=ctx.models.zoo_key, zoo_host=ctx.models.zoo_host,
         **ctx.models.factors,
         **{c: env.get(c) for c in provenance.COLUMNS},
@@ -270,7 +270,7 @@ def evaluate_references(ctx: StudyContext, refs: list[dict], refs_done: set[str]
         mine = [{**row, "model": u["model_id"]} for row in rows if row["model"] == u["path"]]
         store.write_unit(results, store.REFERENCES, u["key"], store.complete(
             mine, study=spec.name, job_key=u["key"], job_kind=u["kind"], label=u["kind"],
-            experts=u["experts"], n_experts=len(u["experts"]), model_path=u["path"],
+            experts=u["experts"], n_experts=len(u["experts"]), model_path=u["path"], split=spec.eval.split,
             zoo_key=models.zoo_key, zoo_host=models.zoo_host, **models.factors,
             **{c: envs[u["path"]].get(c) for c in provenance.COLUMNS}))  # fmt: skip
     ctx.reference_rows = [r for r in old + rows if r["kind"] == "score"]
