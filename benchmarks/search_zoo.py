@@ -7,6 +7,11 @@ baselines (task arithmetic lambda 0.3 and 1/n, TIES, DivMerge at task and layer 
 the table is on the test split (the searches' best merges are scored on it once, after the search).
 
     python benchmarks/search_zoo.py --out /tmp/search_zoo     # then paste the printed table into RESULTS.md
+    python benchmarks/search_zoo.py --out /tmp/overhead --overhead-runs 3   # examples/search.yaml 3 times, fresh
+
+The overhead of a search is the share of wall time in which no merge and no evaluation runs
+(docs/ALGORITHMS.md#searchers-trials-and-objectives): over the whole trial phase (the runner's start,
+engine start and references included) and between the first trial's start and the last trial's end.
 """
 
 from __future__ import annotations
@@ -61,8 +66,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--trials", type=int, default=32)
+    ap.add_argument("--overhead-runs", type=int, default=0, help="only run examples/search.yaml this many times")
     args = ap.parse_args()
     base = yaml.safe_load((ROOT / "examples" / "search.yaml").read_text())
+    if args.overhead_runs:
+        overhead(args.out, args.overhead_runs)
+        return
     rows = []
     for subset in SUBSETS:
         name = "+".join(subset)
@@ -105,6 +114,23 @@ def main() -> None:
         print(f"| {r['subset']} | {r['method']} | {pct(r['held_in'])} | {pct(r['held_out'])} | "
               f"{pct(r.get('validation'))} | {r.get('to95') or '–'} | {pct(r.get('overhead'))} | "
               f"{'–' if 'seconds' not in r else round(r['seconds'])} |")
+
+
+def overhead(out: Path, runs: int) -> None:
+    import statistics
+
+    spec_path = ROOT / "examples" / "search.yaml"
+    got = []
+    for i in range(runs):
+        started = time.perf_counter()
+        run = run_search(SearchSpec.model_validate(yaml.safe_load(spec_path.read_text())), spec_path,
+                         out / f"run-{i}", progress=False)  # fmt: skip
+        got.append((run.overhead, run.steady_overhead, time.perf_counter() - started))
+        print(f"run {i}: overhead {run.overhead:.3f} (trial phase), {run.steady_overhead:.3f} (first to last trial), "
+              f"{got[-1][2]:.0f} s", flush=True)
+    med = [statistics.median(x[k] for x in got) for k in range(3)]
+    print(f"median of {runs}: {100 * med[0]:.1f} % (trial phase), {100 * med[1]:.1f} % (first to last trial), "
+          f"{med[2]:.0f} s wall")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,9 @@ def _search(args: argparse.Namespace) -> int:
         file=console.stderr(),
     )
     print(run.best_dir, file=console.stdout())
-    overhead = f" ({run.overhead:.0%} of the trials' wall time not merging or scoring)" if run.overhead else ""
+    overhead = (f" (not merging or scoring: {run.overhead:.0%} of the trial phase, {run.steady_overhead:.0%} between "
+                "the first trial's start and the last one's end)" if run.overhead is not None and run.steady_overhead
+                is not None else "")  # fmt: skip
     print(
         f"search {spec.name}: {run.trials} trials, {run.ran} finished now, in {run.seconds:.1f} s{overhead}; trials in "
         f"{run.results / 'trials.parquet'}; report: mergescale study report {run.results / 'trials'} --out DIR",

@@ -322,7 +322,8 @@ class SearcherSpec(BaseModel):
     parallel: int | None = Field(None, ge=1)  # trials evaluated as one batch (CMA-ES: its population size)
     seed: int = 0
     asha: AshaSpec | None = None
-    loggers: list[Literal["tensorboard", "mlflow", "csv", "json"]] = Field(default_factory=list)
+    # Tune's TensorBoard / MLflow callbacks (Tune's CSV and JSON logs are always in RESULTS/tune)
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
 
 
 class ObjectiveSpec(BaseModel):

@@ -202,6 +202,29 @@ def test_a_grid_search_scores_exactly_what_the_same_grid_run_as_a_study_on_the_v
     assert {t["param:lambda"] for t in _trials(run.results)} == {0.5, 1.0}
 
 
+@pytest.mark.ray
+@pytest.mark.engine
+def test_asha_scores_trials_on_growing_document_budgets_and_only_a_full_budget_trial_can_be_best(tiny_zoo, tmp_path):
+    raw = yaml.safe_load(CI.read_text())
+    raw.update(name="asha", search={"algorithm": "optuna", "trials": 6, "parallel": 3, "seed": 1,
+                                    "asha": {"min_limit": 4, "reduction_factor": 2}})  # fmt: skip
+    raw["eval"]["held_out"] = []
+    path = tmp_path / "asha.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    res = _search(path, tmp_path / "out")
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = _trials(tmp_path / "out")
+    assert len(trials) == 6 and {t["state"] for t in trials} <= {"complete", "pruned"}
+    assert all((t["limit"] == 16) == (t["state"] == "complete") for t in trials)
+    assert all(t["objective"] is None for t in trials if t["state"] == "pruned")
+    # every rung normalized against references scored on the same budget: one reference set per budget
+    refs = store.read_results(tmp_path / "out" / "trials").to_pylist()
+    n_docs = {r["n"] for r in refs if r["job_kind"] == store.BASE and r["kind"] == "score"}
+    assert n_docs == {4, 8, 16}
+    best = max((t for t in trials if t["state"] == "complete"), key=lambda t: (t["objective"], -t["trial"]))
+    assert f"| | validation (trial {best['trial']}) | test |" in (tmp_path / "out" / "best" / "README.md").read_text()
+
+
 BAD = [
     ({"space": {"densty": {"low": 0.1, "high": 0.9}, "lambda": {"low": 0.5, "high": 2.0}}},
      "space.densty: not a parameter of method ties; did you mean `density`?"),
@@ -213,6 +236,7 @@ BAD = [
     ({"search": {"algorithm": "cmaes", "asha": {"min_limit": 4}}}, "search.asha: CMA-ES needs every member"),
     ({"search": {"algorithm": "optuna", "asha": {"min_limit": 16}}}, "search.asha.min_limit: 16 is not below"),
     ({"serach": {}}, "key `serach`: Extra inputs are not permitted; did you mean `search`?"),
+    ({"search": {"algorithm": "cmaes", "loggers": ["mlflow"]}}, "search.loggers: mlflow needs the mlflow package"),
 ]  # fmt: skip
 
 

@@ -5,9 +5,9 @@ One run (``docs/ALGORITHMS.md#coefficient-search``):
 
 * the search space (``search_space.py``) turns a vector into a merge spec; the vectors come from an Optuna
   study — grid, random, TPE or CMA-ES, seeded — kept in a journal file under the results directory;
-* Ray Tune runs the trials, at most ``search.parallel`` at once, as one batch (a ``ConcurrencyLimiter`` with
-  ``batch=True``: CMA-ES's population); with ``search.asha`` an ASHA scheduler stops the worst trials on a
-  small document budget;
+* Ray Tune runs the trials, at most ``search.parallel`` at once; the vectors are drawn in batches of that
+  size (CMA-ES's population), a batch once the one before is told, and handed to the trials through the
+  runner; with ``search.asha`` an ASHA scheduler stops the worst trials on a small document budget;
 * a trial is a tiny Tune actor that asks the :class:`TrialRunner` actor to merge its vector (a sharded Ray
   merge) and score it on the runner's one evaluator pool, shared by every trial (vLLM is never started in
   a trial's placement group); every trial is a job of the *trials store* (``RESULTS/trials``, a study
@@ -102,6 +102,8 @@ class TrialRunner:
         self.contexts: dict = {}
         self.lock = threading.Lock()
         self.busy: list[tuple[float, float]] = []  # wall-clock intervals spent merging or scoring
+        self.vectors: dict[int, dict] = {}  # trial number -> the vector the searcher drew
+        self.drawn = threading.Condition()
 
     def _context(self, split: str | None, limit) -> StudyContext:
         key = (split, json.dumps(limit))
@@ -154,7 +156,20 @@ class TrialRunner:
         eval_s = next((r["eval_seconds"] for r in rows if r["eval_seconds"] is not None), None)
         return {**objective(rows, self.spec, self.tasks), "job_key": key, "limit": limit or 0,
                 "merge_seconds": merge_s, "eval_seconds": eval_s, "cached": cached,
+                "seconds": time.time() - started, "started": started,
                 "model_path": None if split else str(model)}  # fmt: skip
+
+    def offer(self, number: int, vector: dict) -> None:
+        """The driver's searcher drew trial ``number``'s vector: the trial waiting for it may go."""
+        with self.drawn:
+            self.vectors[number] = vector
+            self.drawn.notify_all()
+
+    def vector(self, number: int) -> dict:
+        """Trial ``number``'s vector, once the searcher has drawn it (its batch starts when the one before is told)."""
+        with self.drawn:
+            self.drawn.wait_for(lambda: number in self.vectors)
+            return self.vectors[number]
 
     def prepare(self, limit) -> None:
         """Score the reference models on the first budget now, while Tune starts its trials."""
@@ -234,59 +249,70 @@ def open_study(spec: SearchSpec, results: Path):
                                direction="maximize", load_if_exists=True)  # fmt: skip
 
 
-def _searcher(spec: SearchSpec, space: SearchSpace, study, full_limit):
-    """A Tune searcher over the Optuna ``study``: trials a killed run left running first (their own
-    parameters), then new ones until the budget is asked."""
+def _searcher(spec: SearchSpec, space: SearchSpace, study, full_limit, runner):
+    """A Tune searcher over the Optuna ``study`` that hands Tune trial *numbers* and the runner their vectors.
+
+    Trial n belongs to batch n // parallel.  A batch's vectors are drawn (``study.ask``) only once every
+    trial of the batch before it is told — the sequence is the batch sequence whichever trial finishes
+    first — and are offered to the runner, where the trials wait for them.  Tune meanwhile starts the next
+    batch's trials as soon as slots free up, on the actors the finished trials leave (an actor per batch
+    would cost seconds of start-up per batch).  Trials a killed run left running in the journal are the
+    first batch, with their own parameters; a failed trial stays running there, so a rerun repeats it."""
+    from optuna.trial import TrialState
     from ray.tune.search import Searcher
+
+    p, total, dists = parallel(spec, space), budget(spec, space), distributions(space)
 
     class StudySearcher(Searcher):
         def __init__(self):
-            from optuna.trial import TrialState
-
             super().__init__(metric=METRIC, mode="max")
-            self.orphans = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-            self.waiting = set(self.orphans)  # an interrupted batch ends before the next one is drawn
+            trials = study.get_trials(deepcopy=False)
+            self.told = {t.number for t in trials if t.state.is_finished()}
+            self.cursor = 0  # the next number for Tune (told ones are skipped)
             self.live: dict[str, int] = {}
-            self.total, self.dists = budget(spec, space), distributions(space)
+            for t in trials:
+                if t.state == TrialState.RUNNING:  # drawn by a killed run: its own parameters
+                    runner.offer.remote(t.number, t.params)
+            n = len(trials)
+            if n < total and (n % p or len(self.told) == n):  # a batch cut short while drawn, or the next one
+                self._draw(n // p)
 
         __reduce__ = _driver_only  # Tune pickles its searcher into its experiment state; the journal is ours
 
-        def suggest(self, trial_id: str):
-            if self.orphans:
-                number = self.orphans.pop(0)
-                params = study.trials[number].params
-            elif self.waiting:
-                return None
-            elif len(study.trials) >= self.total:
-                return Searcher.FINISHED
-            else:
-                study.sampler = _sampler(spec, space, len(study.trials))
+        def _draw(self, batch: int) -> None:
+            """Ask the rest of batch ``batch`` (all of it, unless a killed run asked part) and offer it."""
+            for number in range(len(study.trials), min((batch + 1) * p, total)):
+                study.sampler = _sampler(spec, space, number)
                 if spec.search.algorithm == "grid":
-                    study.enqueue_trial(grid_point(space, len(study.trials)))
-                trial = study.ask(self.dists)
-                number, params = trial.number, trial.params
-            self.live[trial_id] = number
-            return {"trial": number, "vector": params}
+                    study.enqueue_trial(grid_point(space, number))
+                runner.offer.remote(number, study.ask(dists).params)
+
+        def suggest(self, trial_id: str):
+            while self.cursor in self.told:
+                self.cursor += 1
+            if self.cursor >= total:
+                return Searcher.FINISHED
+            self.live[trial_id], self.cursor = self.cursor, self.cursor + 1
+            return {"trial": self.live[trial_id]}
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            from optuna.trial import TrialState
-
             number = self.live.pop(trial_id, None)
-            if number is None:  # already told (Tune reports an error it raised here once more)
+            if number is None or error or not result:  # a failed trial stays running: a rerun repeats it
                 return
-            self.waiting.discard(number)
             frozen = study.trials[number]
-            if error or not result:
-                study.tell(number, state=TrialState.FAIL)
-                return
             for k in ("held_in", "divergence", "held_out_loss", "job_key", "limit", "merge_seconds",
-                      "eval_seconds", "cached"):  # fmt: skip
+                      "eval_seconds", "cached", "seconds", "started"):  # fmt: skip
                 if k in result:
                     study._storage.set_trial_user_attr(frozen._trial_id, k, result[k])
             if result["limit"] != (full_limit or 0):
                 study.tell(number, state=TrialState.PRUNED)  # stopped by ASHA below the full budget
             else:
                 study.tell(number, result[METRIC])
+            self.told.add(number)
+            batch = number // p
+            if all(n in self.told for n in range(batch * p, min((batch + 1) * p, total))):
+                if (batch + 1) * p < total and len(study.trials) == (batch + 1) * p:
+                    self._draw(batch + 1)
 
         def save(self, checkpoint_path: str):  # the journal is the search's state; Tune's copy is not needed
             pass
@@ -329,7 +355,8 @@ class SearchRun:
     best: dict  # the best trial: number, vector, objective and its parts
     test: dict  # the best merge's held-in / held-out scores on the test split
     seconds: float
-    overhead: float | None = None  # share of the trials' wall time not spent merging or scoring
+    overhead: float | None = None  # share of the trial phase (runner start to the end) not merging or scoring
+    steady_overhead: float | None = None  # the same from the first trial's start to the last trial's end
     pool: dict = field(default_factory=dict)
 
 
@@ -375,6 +402,12 @@ def check_search(spec: SearchSpec, spec_path: Path, progress: bool = False):
         if spec.search.asha:
             raise SpecError(f"{spec_path}: search.asha: CMA-ES needs every member of a generation scored on "
                             "the full budget; use optuna (TPE) or random with asha")  # fmt: skip
+    import importlib.util
+
+    for name in spec.search.loggers:
+        pkg = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}[name]
+        if importlib.util.find_spec(pkg) is None:
+            raise SpecError(f"{spec_path}: search.loggers: {name} needs the {pkg} package; pip install {pkg}")
     try:
         rungs = budgets(spec)
     except SpecError as err:
@@ -406,7 +439,7 @@ def run_search(spec: SearchSpec, spec_path: Path | str, out: Path | str | None =
         study = open_study(spec, results)
         _check_same_search(study, spec, space, results)
         connect(address)
-        runner = ray.remote(TrialRunner).options(num_cpus=0, max_concurrency=parallel(spec, space) + 4).remote(
+        runner = ray.remote(TrialRunner).options(num_cpus=0, max_concurrency=2 * parallel(spec, space) + 4).remote(
             spec, models, space, str(results))  # fmt: skip
         try:
             done_before = _finished(study)
@@ -414,6 +447,8 @@ def run_search(spec: SearchSpec, spec_path: Path | str, out: Path | str | None =
             prepared = runner.prepare.remote(rungs[0])  # the references, while Tune starts
             _tune(spec, space, study, runner, rungs, results, progress)
             ray.get(prepared)
+            if _finished(study) < budget(spec, space):  # Tune stopped early (a signal): the test split waits
+                raise KeyboardInterrupt
             tune_seconds = time.time() - trials_started if _finished(study) > done_before else 0.0
             busy = ray.get(runner.busy_intervals.remote())
             files.write_text(results / AUDIT, json.dumps({"trials": ray.get(runner.audit.remote())}) + "\n")
@@ -429,9 +464,10 @@ def run_search(spec: SearchSpec, spec_path: Path | str, out: Path | str | None =
         best_dir = publish_best(Path(test["model_path"]), results / BEST, spec, space, best, test, len(table))
         write_plots(table, space, spec, results)
     overhead = 1 - _union(busy) / tune_seconds if tune_seconds and busy else None
+    steady = _steady_overhead(study, busy, done_before)
     return SearchRun(results, best_dir, budget(spec, space), _finished(study) - done_before, best,
                      {k: test[k] for k in ("held_in", "held_out_loss", "divergence", METRIC, "job_key")},
-                     time.perf_counter() - started, overhead, pool)  # fmt: skip
+                     time.perf_counter() - started, overhead, steady, pool)  # fmt: skip
 
 
 def _finished(study) -> int:
@@ -459,6 +495,7 @@ def _tune(spec: SearchSpec, space: SearchSpace, study, runner, rungs: list, resu
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console tables off: the progress bar says it
     n_batch = parallel(spec, space)
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(n_batch)  # start a whole batch at once (Tune's default: 1)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C interrupts the command; the journal keeps the search
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -471,7 +508,7 @@ def _tune(spec: SearchSpec, space: SearchSpace, study, runner, rungs: list, resu
 
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=len(rungs), grace_period=1,
                                   reduction_factor=spec.search.asha.reduction_factor)  # fmt: skip
-    searcher = ConcurrencyLimiter(_searcher(spec, space, study, rungs[-1]), max_concurrent=n_batch, batch=True)
+    searcher = ConcurrencyLimiter(_searcher(spec, space, study, rungs[-1], runner), max_concurrent=n_batch)
     trainable = tune.with_resources(tune.with_parameters(trial, runner=runner, budgets=rungs),
                                     {"cpu": 0, "memory": 1})  # a trial only waits for the runner  # fmt: skip
     runs = sorted(p.name for p in (results / TUNE).glob("run-*")) if (results / TUNE).is_dir() else []
@@ -503,23 +540,17 @@ def _trial_error(err: BaseException) -> BaseException:
 
 
 def _loggers(spec: SearchSpec, results: Path) -> list:
+    """Tune's TensorBoard / MLflow callbacks the spec asks for (their packages checked in ``check_search``)."""
     out = []
     for name in spec.search.loggers:
-        try:
-            if name == "tensorboard":
-                import tensorboardX  # noqa: F401
-                from ray.tune.logger import TBXLoggerCallback
+        if name == "tensorboard":
+            from ray.tune.logger import TBXLoggerCallback
 
-                out.append(TBXLoggerCallback())
-            elif name == "mlflow":
-                import mlflow  # noqa: F401
-                from ray.air.integrations.mlflow import MLflowLoggerCallback
+            out.append(TBXLoggerCallback())
+        elif name == "mlflow":
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-                out.append(MLflowLoggerCallback(tracking_uri=(results / "mlruns").as_uri(),
-                                                experiment_name=spec.name))  # fmt: skip
-        except ImportError:
-            pkg = "tensorboardX" if name == "tensorboard" else "mlflow"
-            raise SpecError(f"search.loggers: {name} needs the {pkg} package; pip install {pkg}") from None
+            out.append(MLflowLoggerCallback(tracking_uri=(results / "mlruns").as_uri(), experiment_name=spec.name))
     return out
 
 
@@ -533,6 +564,19 @@ def best_trial(study, full_limit) -> dict:
     t = max(done, key=lambda t: (t.value, -t.number))
     return {"trial": t.number, "vector": t.params, METRIC: t.value,
             **{k: t.user_attrs.get(k) for k in ("held_in", "divergence", "held_out_loss", "job_key")}}  # fmt: skip
+
+
+def _steady_overhead(study, busy: list, done_before: int) -> float | None:
+    """The overhead between this run's first trial start and its last trial end (engine start and the
+    references excluded): 1 - |busy ∩ that window| / window."""
+    spans = [(t.user_attrs["started"], t.user_attrs["started"] + t.user_attrs["seconds"])
+             for t in study.get_trials(deepcopy=False)[done_before:]
+             if "started" in t.user_attrs and not t.user_attrs.get("cached")]  # fmt: skip
+    if not spans:
+        return None
+    a, b = min(x for x, _ in spans), max(y for _, y in spans)
+    inside = [(max(x, a), min(y, b)) for x, y in busy if y > a and x < b]
+    return 1 - _union(inside) / (b - a) if b > a else None
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:

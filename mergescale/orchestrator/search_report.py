@@ -29,7 +29,7 @@ COLUMNS = [
     ("limit", pa.int64()),  # documents per task of the last budget scored (0: every document)
     ("merge_seconds", pa.float64()),
     ("eval_seconds", pa.float64()),
-    ("seconds", pa.float64()),  # the trial's wall time (Optuna's start to finish)
+    ("seconds", pa.float64()),  # the trial's wall time in the runner (waits for a merge slot or evaluator included)
     ("cached", pa.bool_()),  # scored earlier (the same vector, or a resumed run's finished job)
     ("job_key", pa.string()),  # its unit in the trials store (RESULTS/trials/jobs/<key>.parquet)
     ("parameters", pa.string()),  # the vector as canonical JSON
@@ -45,8 +45,7 @@ def write_table(study, space: SearchSpace, spec: SearchSpec, results: Path) -> p
         if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
             continue
         a = t.user_attrs
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
-        row = {"trial": t.number, "state": t.state.name.lower(), "objective": t.value, "seconds": seconds,
+        row = {"trial": t.number, "state": t.state.name.lower(), "objective": t.value,
                "parameters": json.dumps(t.params, sort_keys=True),
                **{name: a.get(name) for name, _ in COLUMNS if name in a}}  # fmt: skip
         row.update({f"param:{c.name}": t.params.get(c.name) for c in space.coordinates})

@@ -8,10 +8,11 @@ import ray
 
 
 def trial(config: dict, runner, budgets: list) -> None:
-    """Score ``config["vector"]`` on each document budget in turn (one ASHA rung each), reporting the
-    objective and its parts to Tune after each."""
+    """Wait for trial ``config["trial"]``'s vector (drawn when its batch may start), then score it on each
+    document budget in turn (one ASHA rung each), reporting the objective and its parts to Tune after each."""
     from ray import tune
 
+    vector = ray.get(runner.vector.remote(config["trial"]))
     for rung, limit in enumerate(budgets):
-        metrics = ray.get(runner.evaluate.remote(config["trial"], config["vector"], limit))
+        metrics = ray.get(runner.evaluate.remote(config["trial"], vector, limit))
         tune.report({**{k: v for k, v in metrics.items() if k != "model_path"}, "rung": rung})
