@@ -145,16 +145,19 @@ def write_plots(table: pa.Table, space: SearchSpace, spec: SearchSpec, results: 
     if rows and grouped:
         top = max(rows, key=lambda r: (r["objective"], -r["trial"]))
         vector = json.loads(top["parameters"])
+        names = list(spec.experts) if isinstance(spec.experts, dict) else []
         fig, axes = plt.subplots(1, len(grouped), figsize=(4.5 * len(grouped), 3.6), squeeze=False)
         for ax, key in zip(axes[0], grouped, strict=True):
             series: dict[str, list] = {}
             for c in space.coordinates:
                 if c.key == key:
-                    name = " ".join(x for x in (f"expert {c.expert}" if c.expert is not None else "", c.submodule or "")
-                                    if x) or key  # fmt: skip
+                    expert = (names[c.expert] if c.expert < len(names) else f"expert {c.expert}") \
+                        if c.expert is not None else ""  # fmt: skip
+                    name = " ".join(x for x in (expert, c.submodule or "") if x) or key
                     series.setdefault(name, []).append((c.group, vector[c.name]))
             for name, points in series.items():
                 ax.plot([g for g, _ in points], [v for _, v in points], marker="o", label=name)
+            ax.set_xticks(range(space.dimensions[key].layer_groups))
             ax.set_xlabel("layer group (input side → output side)")
             ax.set_ylabel(key)
             ax.set_title(f"best {key} (trial {top['trial']})")
