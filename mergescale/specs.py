@@ -272,19 +272,14 @@ class ResourcesSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class StudySpec(BaseModel):
+class _ModelsSpec(BaseModel):
+    """The models of a study or a search: its name, an optional zoo, the base and the experts."""
+
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     zoo: dict[str, Any] | None = None  # {preset: tiny, seed: 0}: makes zoo:NAME references available
     base: str
     experts: dict[str, StudyExpert] | Literal["zoo"]
-    subsets: SubsetsSpec
-    methods: list[MethodSpec] = Field(min_length=1)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    keep_models: bool = False  # default: a merged model is deleted once evaluated
-    results: str | None = None  # results directory (relative to the spec file); default results/<name>
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -292,6 +287,16 @@ class StudySpec(BaseModel):
         if isinstance(v, dict):
             return {k: {"model": e} if isinstance(e, str) else e for k, e in v.items()}
         return v
+
+
+class StudySpec(_ModelsSpec):
+    subsets: SubsetsSpec
+    methods: list[MethodSpec] = Field(min_length=1)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    keep_models: bool = False  # default: a merged model is deleted once evaluated
+    results: str | None = None  # results directory (relative to the spec file); default results/<name>
 
 
 # ---------------------------------------------------------------- coefficient searches
@@ -339,12 +344,7 @@ class ObjectiveSpec(BaseModel):
     tasks: list[str] | None = None  # the held-in tasks it uses (default: every expert's)
 
 
-class SearchSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    zoo: dict[str, Any] | None = None  # {preset: tiny, seed: 0}: makes zoo:NAME references available
-    base: str
-    experts: dict[str, StudyExpert] | Literal["zoo"]
+class SearchSpec(_ModelsSpec):
     merge: SearchMerge
     space: dict[str, Any] = Field(min_length=1)  # search_space.py: ranges, choices and fixed values
     search: SearcherSpec = Field(default_factory=SearcherSpec)
@@ -352,8 +352,6 @@ class SearchSpec(BaseModel):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     results: str | None = None  # results directory (relative to the spec file); default results/<name>
-
-    _expert_entries = field_validator("experts", mode="before")(StudySpec._expert_entries.__func__)
 
     def study(self, split: str | None, limit: int | dict | None) -> StudySpec:
         """The search as a study of one subset (every expert) and one method: its models, evaluation suite

@@ -24,6 +24,7 @@ per trial number).  Each run is a fresh Tune experiment in ``RESULTS/tune`` (Tun
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -142,7 +143,7 @@ class TrialRunner:
                   canonical(own) if own else "")  # fmt: skip
         started = time.time()
         model = ctx.results / store.MODELS / key
-        cached = key in store.done_keys(ctx.results, store.JOBS)
+        cached = (ctx.results / store.JOBS / f"{key}.parquet").is_file()  # a finished unit (renamed into place)
         if not split:  # the best's test unit is reused only while its model (or the published one) is there
             cached = cached and (model.is_dir() or key in _card(self.results / BEST))
         if cached:
@@ -402,8 +403,6 @@ def check_search(spec: SearchSpec, spec_path: Path, progress: bool = False):
         if spec.search.asha:
             raise SpecError(f"{spec_path}: search.asha: CMA-ES needs every member of a generation scored on "
                             "the full budget; use optuna (TPE) or random with asha")  # fmt: skip
-    import importlib.util
-
     for name in spec.search.loggers:
         pkg = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}[name]
         if importlib.util.find_spec(pkg) is None:
