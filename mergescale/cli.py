@@ -196,6 +196,41 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leaderboard_submit(args: argparse.Namespace) -> int:
+    from mergescale.leaderboard.queue import Board, submit
+    from mergescale.orchestrator.study_models import hub_or_path
+
+    board = Board(args.leaderboard).check()
+    if args.name and len(args.models) > 1:
+        raise SpecError("--name: names one model; submit several models without it (each is named by its directory)")
+    for model in args.models:  # each model is checked (and hashed) before the next is queued
+        path = Path(hub_or_path(model, Path.cwd(), "MODEL", "the current directory"))
+        request, new = submit(board, model, path, name=args.name, tags=args.tag, base_model=args.base_model,
+                              reevaluate=args.reevaluate)  # fmt: skip
+        what = "queued" if new else f"already queued ({request['state']}; --reevaluate to evaluate it again)"
+        print(f"{request['id']}  {request['name']}: {what}", file=console.stdout())
+    return 0
+
+
+def _leaderboard_run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from mergescale.leaderboard.run import run_leaderboard
+
+    run = run_leaderboard(args.leaderboard, address=args.address, progress=not args.quiet,
+                          lease_seconds=args.lease_seconds)  # fmt: skip
+    recovered = f", {len(run.recovered)} found evaluated by an interrupted run" if run.recovered else ""
+    print(f"leaderboard {args.leaderboard}: {run.run}: {len(run.evaluated)} evaluated, {len(run.failed)} failed"
+          f"{recovered}, in {run.seconds:.1f} s", file=console.stderr())  # fmt: skip
+    return 0
+
+
+def _leaderboard_publish(args: argparse.Namespace) -> int:
+    from mergescale.leaderboard.board import publish
+
+    print(publish(args.leaderboard, args.out), file=console.stdout())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergescale",
@@ -292,6 +327,32 @@ def parser() -> argparse.ArgumentParser:
     )
     se.add_argument("--quiet", action="store_true", help="no progress bar")
     se.set_defaults(run=_search)
+
+    lb = sub.add_parser("leaderboard", help="a queue of models, evaluated on a fixed suite by scheduled runs, "
+                        "published as a static site")
+    lsub = lb.add_subparsers(dest="leaderboard_command", metavar="LEADERBOARD_COMMAND", required=True)
+    ls = lsub.add_parser("submit", help="queue models (model directories or hub ids) for evaluation")
+    ls.add_argument("leaderboard", type=Path, metavar="LEADERBOARD", help="the leaderboard directory (its suite: "
+                    "LEADERBOARD/leaderboard.yaml)")
+    ls.add_argument("models", nargs="+", metavar="MODEL", help="a Hugging Face model directory, or a hub id")
+    ls.add_argument("--name", help="the name shown on the board (default: the directory's name, or the hub id)")
+    ls.add_argument("--tag", action="append", default=[], help="a tag (repeatable); a merge is tagged from its card")
+    ls.add_argument("--base-model", help="its base model (default: what its model card says)")
+    ls.add_argument("--reevaluate", action="store_true",
+                    help="queue another evaluation of a model already evaluated (its score history)")
+    ls.set_defaults(run=_leaderboard_submit)
+    lr = lsub.add_parser("run", help="evaluate every waiting request (one tick of the schedule; resumable)")
+    lr.add_argument("leaderboard", type=Path, metavar="LEADERBOARD")
+    lr.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray); "
+                    "the leaderboard directory must be one every node sees")
+    lr.add_argument("--lease-seconds", type=float, help="lease on the requests taken (default: the suite's "
+                    "lease_seconds); a run that stops renewing loses them to the next run after this long")
+    lr.add_argument("--quiet", action="store_true", help="no progress bar")
+    lr.set_defaults(run=_leaderboard_run)
+    lp = lsub.add_parser("publish", help="write the leaderboard as a static site (works offline)")
+    lp.add_argument("leaderboard", type=Path, metavar="LEADERBOARD")
+    lp.add_argument("--out", type=Path, required=True, help="the site's directory (replaced atomically)")
+    lp.set_defaults(run=_leaderboard_publish)
     return p
 
 
@@ -302,9 +363,13 @@ def log_file(args: argparse.Namespace) -> Path | None:
     if args.log:
         return args.log
     command = args.command
-    if (command, getattr(args, "study_command", None) or getattr(args, "zoo_command", None)) in {
+    groups = ("study", "zoo", "leaderboard")
+    subcommand = next((getattr(args, f"{c}_command") for c in groups if hasattr(args, f"{c}_command")), None)
+    if (command, subcommand) in {
         ("study", "report"),
         ("zoo", "show"),
+        ("leaderboard", "submit"),
+        ("leaderboard", "publish"),
     }:
         return None
     if command == "merge":
@@ -318,6 +383,8 @@ def log_file(args: argparse.Namespace) -> Path | None:
 
         with_stamp = console.default_log("study").name
         return results_dir(load_study_spec(args.spec), args.spec, args.out) / "logs" / with_stamp
+    if command == "leaderboard":  # a run: its log beside the queue it works on
+        return Path(args.leaderboard) / "logs" / console.default_log("leaderboard").name
     if command == "search":
         from mergescale.orchestrator.study import results_dir
         from mergescale.specs import load_search_spec

@@ -366,6 +366,16 @@ class SearchSpec(_ModelsSpec):
         })  # fmt: skip
 
 
+class LeaderboardSpec(_ModelsSpec):
+    """A leaderboard's suite (``LEADERBOARD/leaderboard.yaml``): its reference models (the base, and each
+    expert with its held-in task: the held-in tasks, and what held-in scores are normalized against), the
+    held-out tasks and the evaluation settings every submitted model is scored under, and the evaluators."""
+
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    lease_seconds: int = Field(3600, ge=10)  # a RUNNING request whose runner stopped renewing is taken again
+
+
 # ---------------------------------------------------------------- reading YAML, reporting errors
 def yaml_line(text: str, loc: tuple) -> int | None:
     """The line (1-based) of the YAML node at ``loc`` (keys and list indices) in ``text``, or of its
@@ -469,14 +479,19 @@ def _spec_error(
     return SpecError(f"{_where(source, text, path)}: key `{key}`: {e['msg']}{hint}")
 
 
+def _load(path: Path, model: type[BaseModel], what: str):
+    """Read the YAML at ``path`` and validate it as ``model``; an error names the file, the line and the key."""
+    text, raw = _read_yaml(path, what)
+    try:
+        return model.model_validate(raw), text
+    except ValidationError as err:
+        raise _spec_error(err, model, str(path), text) from None
+
+
 def load_search_spec(path: Path | str) -> SearchSpec:
     """Read and validate a search YAML; an error names the file, the line and the key."""
     path = Path(path)
-    text, raw = _read_yaml(path, "a search is a YAML mapping with name:, base:, experts:, merge:, space:")
-    try:
-        spec = SearchSpec.model_validate(raw)
-    except ValidationError as err:
-        raise _spec_error(err, SearchSpec, str(path), text) from None
+    spec, text = _load(path, SearchSpec, "a search is a YAML mapping with name:, base:, experts:, merge:, space:")
     if spec.eval.split is not None:
         raise SpecError(f"{_where(str(path), text, ('eval', 'split'))}: key `eval.split`: a search scores its trials "
                         "on the validation split and its best merge once on the test split; drop `split`")
@@ -485,9 +500,18 @@ def load_search_spec(path: Path | str) -> SearchSpec:
 
 def load_study_spec(path: Path | str) -> StudySpec:
     """Read and validate a study YAML; an error names the file, the line and the key."""
+    what = "a study is a YAML mapping with name:, base:, experts:, subsets:, methods:"
+    return _load(Path(path), StudySpec, what)[0]
+
+
+def load_leaderboard_spec(path: Path | str) -> LeaderboardSpec:
+    """Read and validate a leaderboard's ``leaderboard.yaml``; an error names the file, the line and the key."""
     path = Path(path)
-    text, raw = _read_yaml(path, "a study is a YAML mapping with name:, base:, experts:, subsets:, methods:")
-    try:
-        return StudySpec.model_validate(raw)
-    except ValidationError as err:
-        raise _spec_error(err, StudySpec, str(path), text) from None
+    if not path.is_file():
+        raise SpecError(f"{path}: no such file; a leaderboard directory holds its suite in leaderboard.yaml "
+                        "(name:, base:, experts:, eval:) — see examples/leaderboard/leaderboard.yaml")
+    spec, text = _load(path, LeaderboardSpec, "a leaderboard is a YAML mapping with name:, base:, experts:, eval:")
+    if spec.eval.split is not None:
+        raise SpecError(f"{_where(str(path), text, ('eval', 'split'))}: key `eval.split`: a leaderboard reports "
+                        "lm-eval's default (test) split; drop `split`")
+    return spec

@@ -33,13 +33,15 @@ from mergescale.eval import scores
 JOBS, REFERENCES, MODELS, FITS = "jobs", "references", "models", "fits"
 #: job_kind of a row: a merged model, or one of the reference models
 MERGE, BASE, EXPERT, MULTITASK = "merge", "base", "expert", "multitask"
+#: job_kind of a leaderboard's evaluated request (``mergescale.leaderboard``): its unit is ``jobs/<request id>``
+SUBMISSION = "submission"
 
 SCHEMA = pa.schema(
     [
         *scores.SCHEMA,
         pa.field("study", pa.string()),  # the study's name
         pa.field("job_key", pa.string(), nullable=False),  # content hash of the unit (the file's name)
-        pa.field("job_kind", pa.string(), nullable=False),  # merge | base | expert | multitask
+        pa.field("job_kind", pa.string(), nullable=False),  # merge | base | expert | multitask | submission
         pa.field("method", pa.string()),  # merge method (null for references)
         pa.field("label", pa.string()),  # method label: the method and its grid values, e.g. "ties density=0.2"
         pa.field("parameters", pa.string()),  # the merge parameters as canonical JSON
@@ -109,6 +111,7 @@ def locked(results: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SpecError(
-                f"{results}: another `mergescale study run` is writing these results; wait for it or use another --out"
+                f"{results}: another mergescale run (a study, a search or a leaderboard run) is writing these "
+                "results; wait for it to end (or use another --out)"
             ) from None
         yield

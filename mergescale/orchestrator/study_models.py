@@ -34,7 +34,8 @@ class StudyModels:
         return self.experts[name][1]
 
 
-def _hub_or_path(ref: str, root: Path, key: str) -> str:
+def hub_or_path(ref: str, root: Path, key: str, relative: str = "the study file") -> str:
+    """A model directory (relative to ``root``), or a hub id downloaded to the local hub cache."""
     path = Path(ref) if Path(ref).is_absolute() else root / ref
     if path.exists():
         if not (path / "config.json").is_file():
@@ -47,10 +48,10 @@ def _hub_or_path(ref: str, root: Path, key: str) -> str:
             return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
         except Exception as err:  # offline, unknown repo, gated model ...
             raise ModelError(
-                f"{key}: {ref} is neither a directory (relative to the study file) nor a reachable hub model "
+                f"{key}: {ref} is neither a directory (relative to {relative}) nor a reachable hub model "
                 f"({type(err).__name__}); download it first and give its path"
             ) from None
-    raise ModelError(f"{key}: {path}: no such model directory (paths are relative to the study file)")
+    raise ModelError(f"{key}: {path}: no such model directory (paths are relative to {relative})")
 
 
 ZOO_AXES = {"preset": "tiny", "base": "pretrained", "seed": 0}
@@ -128,7 +129,7 @@ def resolve_models(spec: StudySpec, root: Path, progress: bool = True, zoo_spec=
 
     def resolve(ref: str, key: str) -> str:
         if not ref.startswith(ZOO_PREFIX):
-            return _hub_or_path(ref, root, key)
+            return hub_or_path(ref, root, key)
         name = ref[len(ZOO_PREFIX) :]
         if name == "base":
             return str(zoo.base)
