@@ -6,10 +6,11 @@ a cron job runs it, embedded Ray), with nothing new and per new model, on exampl
 
 1. a first tick with one model: Ray, the engine, the reference models (evaluated once per leaderboard) and the
    model;
-2. `--repeats` times, interleaved: a tick with nothing waiting; a tick with 1 new evaluation; a tick with 4 new
-   evaluations (`submit --reevaluate` of models already on the board, so the same models are scored again).
-   Per new model = (4-model tick - 1-model tick) / 3; the fixed cost of a tick that has work = the 1-model
-   tick - one model.  Medians; the table goes to benchmarks/RESULTS.md.
+2. `--repeats` times, interleaved: a tick with nothing waiting; a tick with 1 new evaluation; a tick with 8 new
+   evaluations (`submit --reevaluate` of the zoo's eight experts, already on the board, so the same models are
+   scored again).  Per new model = (8-model tick - 1-model tick) / 7, and, measured inside the ticks, the
+   median `eval_seconds` of the stored evaluations (one model's whole evaluation on the warm engine).
+   Medians; the table goes to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -48,33 +49,39 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     board.mkdir(parents=True)
     shutil.copy(ROOT / "examples" / "leaderboard" / "leaderboard.yaml", board / "leaderboard.yaml")
-    models = [zoo.experts[e] for e in ("upper", "rot13", "digit", "shift1")]
+    models = list(zoo.experts.values())
 
     cli("leaderboard", "submit", board, models[0])
     first = cli("leaderboard", "run", board, "--quiet")
     cli("leaderboard", "submit", board, *models[1:])
     cli("leaderboard", "run", board, "--quiet")  # every model on the board once
-    empty, one, four = [], [], []
+    empty, one, many = [], [], []
     for _ in range(args.repeats):
         empty.append(cli("leaderboard", "run", board, "--quiet"))
         cli("leaderboard", "submit", board, models[0], "--reevaluate")
         one.append(cli("leaderboard", "run", board, "--quiet"))
         cli("leaderboard", "submit", board, *models, "--reevaluate")
-        four.append(cli("leaderboard", "run", board, "--quiet"))
+        many.append(cli("leaderboard", "run", board, "--quiet"))
     publish = [cli("leaderboard", "publish", board, "--out", args.out / "site") for _ in range(args.repeats)]
-    per_model = statistics.median(f - o for f, o in zip(four, one, strict=True)) / 3
+    n = len(models)
+    per_model = statistics.median(m - o for m, o in zip(many, one, strict=True)) / (n - 1)
+    from mergescale.orchestrator import results as store
+
+    table = store.read_results(board / "results").to_pylist()
+    inside = statistics.median({r["job_key"]: r["eval_seconds"] for r in table
+                                if r["job_kind"] == store.SUBMISSION and r["kind"] == "summary"}.values())  # fmt: skip
     rows = [
         ("first tick (Ray, engine, 4 reference models, 1 model)", [first]),
         ("tick with nothing new", empty),
         ("tick with 1 new model", one),
-        ("tick with 4 new models", four),
-        ("publish (the site, 4 models with their history)", publish),
+        (f"tick with {n} new models", many),
+        (f"publish (the site, {n} models with their history)", publish),
     ]
     print("| what | median s | runs (s) |\n|---|---:|---|")
     for what, times in rows:
         print(f"| {what} | {statistics.median(times):.2f} | {', '.join(f'{t:.2f}' for t in times)} |")
-    print(f"| per new model ((4-model tick - 1-model tick) / 3) | {per_model:.2f} | |")
-    print(f"| fixed cost of a tick with work (1-model tick - 1 model) | {statistics.median(one) - per_model:.2f} | |")
+    print(f"| per new model (({n}-model tick - 1-model tick) / {n - 1}) | {per_model:.2f} | |")
+    print(f"| one model's evaluation inside a tick (median eval_seconds of the stored units) | {inside:.2f} | |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ merged models) and OUT/site (the published site).  Rerunning it submits nothing 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("results/leaderboard-demo"))
     args = p.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # mergekit runs in this process: no deprecation notes
     from mergescale.zoo.build import build_zoo, preset_spec
 
     zoo = build_zoo(preset_spec("tiny"), progress=False)
