@@ -10,6 +10,7 @@ study's report.  "New" = evaluated by the last finished run.
 
 from __future__ import annotations
 
+import fcntl
 import json
 from pathlib import Path
 
@@ -88,7 +89,12 @@ def build_board(root: Path | str) -> dict:
 
 
 def publish(root: Path | str, out: Path | str) -> Path:
-    """Write the leaderboard at ``root`` as a static site into ``out``."""
+    """Write the leaderboard at ``root`` as a static site into ``out`` (one publish into ``out`` at a time:
+    an flock on ``.<out>.lock`` beside it)."""
     from mergescale.leaderboard.site import write_site
 
-    return write_site(build_board(root), out)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return write_site(build_board(root), out)
