@@ -152,7 +152,12 @@ def _study_run(args: argparse.Namespace) -> int:
 
     spec = load_study_spec(args.spec)
     run = run_study(spec, args.spec, args.out, address=args.address, progress=not args.quiet)
-    print_leaderboard(read_results(run.results), top=args.top)
+    if spec.kind == "merge":
+        print_leaderboard(read_results(run.results), top=args.top)
+    else:
+        from mergescale.orchestrator.editing_report import print_summary
+
+        print_summary(read_results(run.results), str(run.results))
     print(
         f"study {spec.name}: {run.jobs} jobs, {run.skipped} already done, {run.ran} run now "
         f"({run.references_evaluated} reference models evaluated) in {run.seconds:.1f} s; "
@@ -245,7 +250,8 @@ def parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="build and inspect the synthetic expert zoo")
     zsub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
     b = zsub.add_parser("build", help="build (or reuse from the cache) a zoo of a base and its experts")
-    b.add_argument("--preset", default="tiny", help="tiny, small, or the scale family's xs, s, m, l (comma-separated)")
+    b.add_argument("--preset", default="tiny",
+                   help="tiny, small, the scale family's xs, s, m, l (comma-separated), or edit (the editing zoo)")
     b.add_argument("--base", default="pretrained", help="scale family: pretrained, instruct (comma-separated)")
     b.add_argument("--out", type=Path, default=None, help="zoo directory (default: the cache)")
     b.add_argument("--seed", default="0", help="zoo seed (comma-separated for several)")

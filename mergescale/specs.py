@@ -289,9 +289,73 @@ class _ModelsSpec(BaseModel):
         return v
 
 
+class NegationSpec(BaseModel):
+    """Forgetting by negation (``kind: negation``): θ0 − λ τ_t for each target t and each λ, beside the
+    same steps along random directions of τ_t's norm; each edited model is scored on every task of the
+    study, on the validation split (where λ is selected) and on the test split (what is reported)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lambdas: list[float] = Field(min_length=1)  # scales of −τ (0 is the base itself)
+    targets: list[str] | None = None  # the experts whose task vector is negated (default: every expert)
+    random_baseline: bool = True  # the same steps along a random direction of τ's norm (one per seed)
+    control_keep: float = Field(0.95, gt=0, le=1)  # selection: control score ≥ this fraction of the base's
+
+    @field_validator("lambdas")
+    @classmethod
+    def _non_negative(cls, v):
+        if any(x < 0 or x != x for x in v):
+            raise ValueError("λ is a non-negative number (the edit is θ0 − λ τ)")
+        if len(set(v)) != len(v):
+            raise ValueError("each λ once")
+        return v
+
+
+class Analogy(BaseModel):
+    """τ_D ≈ τ_C + (τ_B − τ_A): ``a``, ``b``, ``c`` name experts of the study; D is ``d``, an expert of the study
+    (its task is D's, and it is the ceiling: never used by the edit), or ``d_task``, an lm-eval task of
+    ``eval.held_out`` with no expert."""
+
+    model_config = ConfigDict(extra="forbid")
+    a: str
+    b: str
+    c: str
+    d: str | None = None
+    d_task: str | None = None
+
+
+class AnalogySpec(BaseModel):
+    """Learning by analogy (``kind: analogy``): for each analogy and each λ, θ0 + λ (τ_C + τ_B − τ_A) and θ0 + λ τ_C
+    (C alone), each scored on every task; the report reads D's task at λ = 1 (the analogy as written)."""
+
+    model_config = ConfigDict(extra="forbid")
+    analogies: list[Analogy] = Field(min_length=1)
+    lambdas: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+
+
+class TransferVersion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: str  # the version's base (a directory, a hub id or zoo:NAME)
+    finetuned: str  # the same fine-tuning from that base
+
+
+class TransferSpec(BaseModel):
+    """Fine-tuning transfer across versions (``kind: transfer``): every version's base plus every version's
+    fine-tuning difference, θ_t + λ (θ_ft,s − θ_s), for every (target t, source s), with each target alone
+    beside; each cell scored on the experts' tasks and the held-out tasks."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    versions: dict[str, TransferVersion] = Field(min_length=2)  # name -> its base and its fine-tune, in order
+    lambda_: float = Field(1.0, alias="lambda")
+
+
 class StudySpec(_ModelsSpec):
-    subsets: SubsetsSpec
-    methods: list[MethodSpec] = Field(min_length=1)
+    # what a study runs: merges of expert subsets (the default), or a task-vector editing experiment
+    kind: Literal["merge", "negation", "analogy", "transfer"] = "merge"
+    subsets: SubsetsSpec | None = None  # kind merge
+    methods: list[MethodSpec] | None = Field(None, min_length=1)  # kind merge
+    negation: NegationSpec | None = None  # kind negation
+    analogy: AnalogySpec | None = None  # kind analogy
+    transfer: TransferSpec | None = None  # kind transfer
     eval: EvalSpec = Field(default_factory=EvalSpec)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -498,10 +562,53 @@ def load_search_spec(path: Path | str) -> SearchSpec:
     return spec
 
 
+#: the blocks each study kind needs; a block of another kind is an error
+_KIND_BLOCKS = {"merge": ("subsets", "methods"), "negation": ("negation",), "analogy": ("analogy",),
+                "transfer": ("transfer",)}
+
+
 def load_study_spec(path: Path | str) -> StudySpec:
     """Read and validate a study YAML; an error names the file, the line and the key."""
-    what = "a study is a YAML mapping with name:, base:, experts:, subsets:, methods:"
-    return _load(Path(path), StudySpec, what)[0]
+    path = Path(path)
+    what = "a study is a YAML mapping with name:, base:, experts:, subsets:, methods: (or kind: and its block)"
+    spec, text = _load(path, StudySpec, what)
+    needed = _KIND_BLOCKS[spec.kind]
+    for key in needed:
+        if getattr(spec, key) is None:
+            raise SpecError(f"{_where(str(path), text, ('kind',))}: key `{key}`: a study of kind {spec.kind} needs "
+                            f"`{key}:` (see examples/editing/ and docs/studies/editing/)")
+    for kind, blocks in _KIND_BLOCKS.items():
+        for key in blocks:
+            if key not in needed and getattr(spec, key) is not None:
+                raise SpecError(f"{_where(str(path), text, (key,))}: key `{key}` belongs to a study of kind "
+                                f"{kind}, and this study is of kind {spec.kind}; drop it (or set `kind: {kind}`)")
+    if spec.kind == "negation" and spec.eval.split is not None:
+        raise SpecError(f"{_where(str(path), text, ('eval', 'split'))}: key `eval.split`: a negation study scores "
+                        "every model on both splits (validation to select λ, test to report); drop `split`")
+    names = list(spec.experts) if isinstance(spec.experts, dict) else None
+    for i, analogy in enumerate(spec.analogy.analogies if spec.analogy else ()):
+        where = ("analogy", "analogies", i)
+        for role in ("a", "b", "c", "d"):
+            name = getattr(analogy, role)
+            if name is not None and names is not None and name not in names:
+                raise SpecError(f"{_where(str(path), text, (*where, role))}: key `analogy.analogies.{i}.{role}`: "
+                                f"{name!r} is not an expert of this study ({', '.join(names)})")
+        if (analogy.d is None) == (analogy.d_task is None):
+            raise SpecError(f"{_where(str(path), text, where)}: key `analogy.analogies.{i}`: give D as `d:` (an "
+                            "expert, the ceiling) or as `d_task:` (a held-out task with no expert), one of them")
+        if analogy.d_task is not None and analogy.d_task not in spec.eval.held_out:
+            raise SpecError(f"{_where(str(path), text, (*where, 'd_task'))}: key `analogy.analogies.{i}.d_task`: "
+                            f"{analogy.d_task} must be scored: add it to `eval.held_out`")
+        if len({analogy.a, analogy.b, analogy.c, analogy.d} - {None}) < 3 + (analogy.d is not None):
+            raise SpecError(f"{_where(str(path), text, where)}: key `analogy.analogies.{i}`: a, b, c (and d) are "
+                            "distinct experts")
+    if spec.negation and spec.negation.targets is not None:
+        names = list(spec.experts) if isinstance(spec.experts, dict) else None
+        for i, t in enumerate(spec.negation.targets):
+            if names is not None and t not in names:
+                raise SpecError(f"{_where(str(path), text, ('negation', 'targets', i))}: key `negation.targets.{i}`: "
+                                f"{t!r} is not an expert of this study ({', '.join(names)})")
+    return spec
 
 
 def load_leaderboard_spec(path: Path | str) -> LeaderboardSpec:

@@ -18,7 +18,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 #      it was seen. Ray or vLLM started in a subprocess is not seen: mark CLI tests by what they start.
 
 #: fixture -> the marker a test using it must carry (the engine fixtures are test_eval's and test_fit's)
-FIXTURE_MARKERS = {"tiny_zoo": "zoo", "ray_session": "ray", "hf": "engine", "pool": "engine", "hf_evaluator": "engine"}
+FIXTURE_MARKERS = {"tiny_zoo": "zoo", "edit_zoo": "zoo", "ray_session": "ray", "hf": "engine", "pool": "engine",
+                   "hf_evaluator": "engine"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked
@@ -69,6 +70,14 @@ def tiny_zoo():
     from mergescale.zoo.build import build_zoo, preset_spec
 
     return build_zoo(preset_spec("tiny"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def edit_zoo():
+    """The real editing zoo (checkpoints, a next version, analogy and transfer experts), built once (≈ 5 min)."""
+    from mergescale.zoo.build import build_zoo, preset_spec
+
+    return build_zoo(preset_spec("edit"), progress=False)
 
 
 @pytest.fixture(scope="session")

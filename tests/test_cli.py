@@ -58,7 +58,8 @@ def test_user_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):
 def test_bad_arguments_fail_with_usage():
     res = run("zoo", "build", "--preset", "huge")
     assert res.returncode == 2
-    assert res.stderr.strip() == "mergescale: error: unknown zoo preset 'huge'; use one of: tiny, small, xs, s, m, l"
+    want = "mergescale: error: unknown zoo preset 'huge'; use one of: tiny, small, xs, s, m, l, edit"
+    assert res.stderr.strip() == want
     res = run("zoo", "build", "--preset", "tiny", "--base", "instruct")
     assert res.returncode == 2 and "has a pretrained base only" in res.stderr
     res = run("zoo", "build", "--seed", "one")

@@ -161,6 +161,7 @@ NOT_IDEMPOTENT = {
     "iso_cts": "flattens the spectrum",
     "tsv": "keeps 1/n of each task's spectrum",
     "transfer": "its two inputs are a fine-tune and its base, not experts",
+    "random_direction": "a random direction of the task vector's norm, not the task vector",
     "awd": "removes what the task vectors share, which for identical experts is most of them",
 }
 

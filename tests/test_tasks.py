@@ -145,3 +145,20 @@ def test_scale_family_experts_differ_in_steps_learning_rate_and_data():
     sizes = [parameters(preset_spec(p)) for p in SIZES]
     assert sizes == sorted(sizes) and sizes[-1] / sizes[0] >= 16
     assert parameters(preset_spec("m")) == parameters(preset_spec("tiny"))  # m is the tiny architecture
+
+
+def test_the_editing_zoos_upper_versions_share_the_maps_known_letters_and_v2_draws_them_anew():
+    from mergescale.zoo import tasks as T
+
+    for low, up in T.ANALOGY_PAIRS:
+        assert (up.name, up.tag) == (f"u{low.name}", f"u{low.tag}")
+        assert up.answer("abcxyz") == low.answer("abcxyz").upper()
+    mixture = {(s.task.name, s.letters) for s in T.editing_base_mixture()}
+    shifted = {(s.task.name, s.letters) for s in T.editing_base_mixture("v2")}
+    for low, up in T.ANALOGY_PAIRS:
+        known = T.known_letters(low)
+        assert (low.name, known) in mixture and (up.name, known) in mixture  # both versions on the same letters
+        assert T.known_letters(low, "v2") != known and (up.name, T.known_letters(low, "v2")) in shifted
+    assert {t.name for t in T.UPPER_MIXTURE} <= {n for n, _ in mixture}
+    assert len({T.fingerprint(), T.fingerprint("scale"), T.fingerprint("editing")}) == 3
+    assert T.known_letters(T.get_task("rot13")) == T.known_letters(T.get_task("rot13"), "")  # the tiny zoo is unchanged

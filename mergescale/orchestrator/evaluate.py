@@ -153,6 +153,39 @@ class EvalSuite:
                                lm_eval_version=version("lm-eval"))  # fmt: skip
 
 
+class SplitSuites:
+    """One suite per split over the same tasks and references, used as one: an editing experiment scores each
+    model on the validation split (where its λ is selected) and on the test split (what it reports; ``None``,
+    lm-eval's default).  ``evaluate`` and ``rows`` are :class:`EvalSuite`'s; each row says its ``split``, and
+    each split is normalized against the references' rows of the same split.  No divergences."""
+
+    SPLITS = (None, "validation")
+
+    def __init__(self, suites: Mapping[str | None, EvalSuite]):
+        self.suites = dict(suites)
+        first = self.suites[None]
+        self.names, self.experts, self.roles, self.hashes = first.names, first.experts, first.roles, first.hashes
+        self.ref_files: dict = {}
+
+    def evaluate(self, lease: Lease, model: str, tasks: Sequence[str] | None = None,
+                 divergences: Sequence[str] | None = None) -> dict:  # fmt: skip
+        t0 = time.perf_counter()
+        by_split = {split: suite.evaluate(lease, model, tasks) for split, suite in self.suites.items()}
+        return {"splits": by_split, "seconds": time.perf_counter() - t0}
+
+    def write_references(self, lease: Lease, model: str) -> None:
+        pass  # no divergences, no reference files
+
+    def rows(self, outcome: Mapping[str, dict], hashes: Mapping[str, str],
+             references: Sequence[dict] = ()) -> list[dict]:  # fmt: skip
+        out = []
+        for split, suite in self.suites.items():
+            mine = {m: o["splits"][split] for m, o in outcome.items()}
+            refs = [r for r in references if r.get("split") == split]
+            out += [{**r, "split": split} for r in suite.rows(mine, hashes, refs)]
+        return out
+
+
 def evaluate_models(
     models: Sequence[str | Path],
     tasks: Sequence[str],

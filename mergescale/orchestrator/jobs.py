@@ -28,13 +28,20 @@ class Job:
     seed: int
     model_id: str  # display name: "<label>/<expert>+<expert>[/seed=N]"
     expert_parameters: str = ""  # canonical JSON list of each expert's own parameters (a search's trials)
+    edit: str = ""  # an editing experiment's job: canonical JSON of its columns (experiment, target, λ, direction)
 
     def merge_spec(self, models: StudyModels) -> MergeSpec:
         own = json.loads(self.expert_parameters) if self.expert_parameters else [{} for _ in self.experts]
-        experts = [{"model": models.experts[e][0], "task": models.experts[e][1], "parameters": p}
-                   for e, p in zip(self.experts, own, strict=True)]  # fmt: skip
+        if self.method == "transfer":  # target base + λ (source fine-tune − source base)
+            edit = json.loads(self.edit)
+            target, source = models.versions[edit["target"]], models.versions[edit["source"]]
+            base, experts = target[0], [{"model": source[1]}, {"model": source[0]}]
+        else:
+            base = models.base
+            experts = [{"model": models.experts[e][0], "task": models.experts[e][1], "parameters": p}
+                       for e, p in zip(self.experts, own, strict=True)]  # fmt: skip
         return MergeSpec.model_validate({
-            "method": self.method, "base": models.base, "experts": experts,
+            "method": self.method, "base": base, "experts": experts,
             "parameters": json.loads(self.parameters), "seed": self.seed,
         })  # fmt: skip
 
@@ -94,7 +101,9 @@ def suite_key(spec: StudySpec, held_in: list[str]) -> dict:
     e = spec.eval
     return {"held_in": held_in, "held_out": e.held_out, "limit": e.limit, "backend": e.backend,
             "divergences": e.divergences, "include_paths": e.include_paths,
-            **({"split": e.split} if e.split else {})}  # fmt: skip
+            **({"split": e.split} if e.split else {}),
+            # an editing experiment scores every model on both splits, without divergences
+            **({"kind": spec.kind} if spec.kind != "merge" else {})}  # fmt: skip
 
 
 def job_key(spec: StudySpec, models: StudyModels, subset, method: str, params: dict, seed: int,
@@ -114,7 +123,13 @@ def job_key(spec: StudySpec, models: StudyModels, subset, method: str, params: d
 
 def expand(spec: StudySpec, models: StudyModels) -> list[Job]:
     """Every job of the study, keyed.  Order: subset size, subset, method, seed (so a partial study
-    already compares every method on the small subsets)."""
+    already compares every method on the small subsets).  An editing experiment: :func:`expand_negation`."""
+    if spec.kind == "negation":
+        return expand_negation(spec, models)
+    if spec.kind == "transfer":
+        return expand_transfer(spec, models)
+    if spec.kind == "analogy":
+        return expand_analogy(spec, models)
     names = list(models.experts)
     jobs = []
     for subset in subsets(spec, names):
@@ -124,6 +139,102 @@ def expand(spec: StudySpec, models: StudyModels) -> list[Job]:
                 model_id = f"{label}/{'+'.join(subset)}" + (f"/seed={seed}" if len(spec.seeds) > 1 else "")
                 model_id = f"[{models.member}] {model_id}" if models.member else model_id
                 jobs.append(Job(key, method, label, canonical(params), tuple(subset), seed, model_id))
+    return jobs
+
+
+def expand_negation(spec: StudySpec, models: StudyModels) -> list[Job]:
+    """Forgetting by negation: for each target expert t and each λ, θ0 − λ τ_t (``task_arithmetic`` with the
+    weight −λ) and, with ``random_baseline``, θ0 − λ r for a random direction r of τ_t's norm tensor by
+    tensor (``random_direction``, one per seed).  Order: target, λ, direction, seed."""
+    neg, names = spec.negation, list(models.experts)
+    for t in neg.targets or ():
+        if t not in names:
+            raise SpecError(f"negation.targets: {t!r} is not an expert of this study ({', '.join(names)})")
+    held_in = [models.task_of(e) for e in names]
+    directions = [("task", "task_arithmetic", "task vector", spec.seeds[:1])]
+    if neg.random_baseline:
+        directions.append(("random", "random_direction", "random direction", spec.seeds))
+    jobs = []
+    for target in neg.targets or names:
+        for lam in neg.lambdas:
+            for direction, method, label, seeds in directions:
+                for seed in seeds:
+                    edit = {"experiment": "negation", "target": target, "task": models.task_of(target), "lambda": lam,
+                            "direction": direction}  # fmt: skip
+                    weights = [{"weight": -lam}]
+                    key = _digest({
+                        "base": models.hashes[models.base],
+                        "experts": [[target, models.hashes[models.experts[target][0]]]],
+                        "method": method, "expert_parameters": weights, "seed": seed, "edit": edit,
+                        "suite": suite_key(spec, held_in), "mergescale": mergescale.__version__,
+                        **({"factors": models.factors} if models.factors else {}),
+                    })  # fmt: skip
+                    shown = f"{'negate' if direction == 'task' else 'random'} {target} λ={lam:g}"
+                    model_id = shown + (f"/seed={seed}" if direction == "random" and len(spec.seeds) > 1 else "")
+                    model_id = f"[{models.member}] {model_id}" if models.member else model_id
+                    jobs.append(Job(key, method, label, canonical({}), (target,), seed, model_id,
+                                    canonical(weights), canonical(edit)))  # fmt: skip
+    return jobs
+
+
+def expand_analogy(spec: StudySpec, models: StudyModels) -> list[Job]:
+    """Learning by analogy: for each analogy (A, B, C → D) and each λ, θ0 + λ (τ_C + τ_B − τ_A)
+    (``task_arithmetic`` over the experts C, B, A in that order with the weights +1, +1, −1) and θ0 + λ τ_C
+    (C alone).  Order: analogy, λ, then the analogy before C alone."""
+    jobs = []
+    for analogy in spec.analogy.analogies:
+        for name in (analogy.a, analogy.b, analogy.c, analogy.d):
+            if name is not None and name not in models.experts:
+                raise SpecError(f"analogy.analogies: {name!r} is not an expert of this study "
+                                f"({', '.join(models.experts)})")
+        d_task = models.task_of(analogy.d) if analogy.d else analogy.d_task
+        quad = f"{analogy.a}:{analogy.b}::{analogy.c}:{analogy.d or d_task}"
+        for lam in spec.analogy.lambdas:
+            for direction, subset, weights in (("analogy", (analogy.c, analogy.b, analogy.a), [1.0, 1.0, -1.0]),
+                                               ("c_alone", (analogy.c,), [1.0])):  # fmt: skip
+                edit = {"experiment": "analogy", "target": analogy.d, "task": d_task, "source": quad, "lambda": lam,
+                        "direction": direction}  # fmt: skip
+                params, own = {"lambda": lam}, [{"weight": w} for w in weights]
+                key = _digest({
+                    "base": models.hashes[models.base],
+                    "experts": [[e, models.hashes[models.experts[e][0]]] for e in subset], "method": "task_arithmetic",
+                    "parameters": params, "expert_parameters": own, "edit": edit,
+                    "suite": suite_key(spec, [models.task_of(e) for e in models.experts]),
+                    "mergescale": mergescale.__version__, **({"factors": models.factors} if models.factors else {}),
+                })  # fmt: skip
+                shown = f"{analogy.c} + ({analogy.b} - {analogy.a})" if direction == "analogy" else f"{analogy.c} alone"
+                model_id = f"{shown} λ={lam:g}"
+                model_id = f"[{models.member}] {model_id}" if models.member else model_id
+                label = "analogy" if direction == "analogy" else "C alone"
+                jobs.append(Job(key, "task_arithmetic", label, canonical(params), subset, spec.seeds[0], model_id,
+                                canonical(own), canonical(edit)))  # fmt: skip
+    return jobs
+
+
+def expand_transfer(spec: StudySpec, models: StudyModels) -> list[Job]:
+    """Fine-tuning transfer: for each target version t, t alone (``transfer`` with λ = 0: its own tensors)
+    and, for each source version s, θ_t + λ (θ_ft,s − θ_s) (``transfer``; s = t gives t's own fine-tune).
+    Order: target, then t alone, then the sources in the spec's order."""
+    names, lam = list(models.versions), spec.transfer.lambda_
+    held_in = [models.task_of(e) for e in models.experts]
+    jobs = []
+    for target in names:
+        for source, scale in [(target, 0.0), *((s, lam) for s in names)]:
+            edit = {"experiment": "transfer", "target": target, "source": source, "lambda": scale,
+                    "direction": "base" if scale == 0 else "transfer"}  # fmt: skip
+            (tb, _), (sb, sf) = models.versions[target], models.versions[source]
+            params = {"lambda": scale}
+            key = _digest({
+                "base": models.hashes[tb], "experts": [models.hashes[sf], models.hashes[sb]], "method": "transfer",
+                "parameters": params, "edit": edit, "suite": suite_key(spec, held_in),
+                "mergescale": mergescale.__version__, **({"factors": models.factors} if models.factors else {}),
+            })  # fmt: skip
+            shown = f" λ={scale:g}" if lam != 1 else ""
+            model_id = f"{target} alone" if scale == 0 else f"{target} + Δ{source}{shown}"
+            model_id = f"[{models.member}] {model_id}" if models.member else model_id
+            label = "target alone" if scale == 0 else "transfer"
+            jobs.append(Job(key, "transfer", label, canonical(params), (), spec.seeds[0], model_id,
+                            edit=canonical(edit)))  # fmt: skip
     return jobs
 
 

@@ -46,7 +46,7 @@ from mergescale import console as terminal
 from mergescale import files
 from mergescale.errors import MergescaleError
 from mergescale.eval.scores import HELD_IN, HELD_OUT, SUMMARY_TASK
-from mergescale.orchestrator.results import BASE, EXPERT, FITS, MERGE, read_results
+from mergescale.orchestrator.results import BASE, EDIT, EXPERT, FITS, MERGE, read_results
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def read_stores(stores: Sequence[Path | str]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _provenance(table: pa.Table, study: _Study) -> list[_Block]:
+def _provenance(table: pa.Table, n_jobs: int, what: str = "merge jobs") -> list[_Block]:
     """Which models and which software made the numbers: the zoo key, every reference model's weights
     sha256, and the versions and CPU of the evaluating processes, each with the units it covers."""
     rows = table.to_pylist()
@@ -315,10 +315,11 @@ def _provenance(table: pa.Table, study: _Study) -> list[_Block]:
         _Block("h2", "Provenance"),
         _Block(
             "p",
-            f"Zoo key: {zoo}. {len(units)} units ({len(study.jobs)} merge jobs and {len(refs)} reference "
+            f"Zoo key: {zoo}. {len(units)} units ({n_jobs} {what} and {len(refs)} reference "
             "models). Below: the weights sha256 of every reference model, and the software and CPU of the "
             "evaluator process that scored each unit ('-': not recorded). Every merged model's weights "
-            "sha256 is in the store's weights_sha256 column; the top merges table shows its first 12 digits.",
+            "sha256 is in the store's weights_sha256 column"
+            + ("; the top merges table shows its first 12 digits." if what == "merge jobs" else "."),
         ),
         _Block("table", header=["model", "weights sha256"], rows=[[m, sha or "-"] for m, sha in refs]),
         _Block("table", header=["mergescale", "lm-eval", "vLLM", "torch", "CPU", "backend", "units"], rows=env_rows),
@@ -477,14 +478,9 @@ def _size_table(board: list[dict], n: int) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def print_leaderboard(rows_or_table: list[dict] | pa.Table, top: int | None = None, metric: str | None = None) -> None:
-    """Print the method leaderboard (rows of :func:`leaderboard`, or a results table) as a rich table."""
-    board = leaderboard(rows_or_table, metric) if isinstance(rows_or_table, pa.Table) else list(rows_or_table)
-    shown = board[:top] if top is not None else board
-    name = board[0]["metric"] if board else metric or ""
-    table = Table(title=f"method leaderboard ({name}): ANP in %, ranked by the {OVER_SIZES}; "
-                        f"n=k: mean ANP of the k-expert merges and the label's rank among them")  # fmt: skip
-    header, rows = _board_table(shown)
+def print_table(table: Table, header: list[str], rows: list[list[str]]):
+    """Print ``rows`` under ``header`` in the rich ``table`` (first column left, the others right) on the results
+    console (at least 160 columns wide when it is not a terminal); returns the console."""
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
@@ -493,6 +489,26 @@ def print_leaderboard(rows_or_table: list[dict] | pa.Table, top: int | None = No
     if not console.is_terminal:
         console.width = max(console.width, 160)
     console.print(table)
+    return console
+
+
+def write_pages(out: Path, stem: str, title: str, blocks: list[_Block]) -> list[Path]:
+    """Write ``blocks`` as ``out/stem.md`` and the self-contained ``out/stem.html``, atomically."""
+    md, page = out / f"{stem}.md", out / f"{stem}.html"
+    for path, text in ((md, _markdown(title, blocks)), (page, _html(title, blocks, out))):
+        with files.atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return [md, page]
+
+
+def print_leaderboard(rows_or_table: list[dict] | pa.Table, top: int | None = None, metric: str | None = None) -> None:
+    """Print the method leaderboard (rows of :func:`leaderboard`, or a results table) as a rich table."""
+    board = leaderboard(rows_or_table, metric) if isinstance(rows_or_table, pa.Table) else list(rows_or_table)
+    shown = board[:top] if top is not None else board
+    name = board[0]["metric"] if board else metric or ""
+    table = Table(title=f"method leaderboard ({name}): ANP in %, ranked by the {OVER_SIZES}; "
+                        f"n=k: mean ANP of the k-expert merges and the label's rank among them")  # fmt: skip
+    console = print_table(table, *_board_table(shown))
     if top is not None and len(board) > top:
         console.print(f"[dim]{len(board) - top} more label(s) not shown[/dim]")
 
@@ -803,6 +819,10 @@ def write_report(results: Path | Sequence[Path], out: Path, metric: str | None =
     out = Path(out)
     table = read_stores(stores)
     where = ", ".join(map(str, stores))
+    if EDIT in table["job_kind"].to_pylist():
+        from mergescale.orchestrator import editing_report  # builds on this module's tables and figures
+
+        return editing_report.write(table, out, metric, where)
     study = _study(table, metric, where)
     out.mkdir(parents=True, exist_ok=True)
     boot = _bootstrap(study)
@@ -851,11 +871,7 @@ def write_report(results: Path | Sequence[Path], out: Path, metric: str | None =
                                      "is '-' when some member's base scores 0 on a held-out task). The report by "
                                      "size, base quality and zoo seed, with the paper's findings, is factors.md "
                                      "(factors.html)."))  # fmt: skip
-    blocks += _provenance(table, study)
-    md, page = out / "leaderboard.md", out / "leaderboard.html"
-    for path, text in ((md, _markdown(title, blocks)), (page, _html(title, blocks, out))):
-        with files.atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-    written = [md, page, *written]
+    blocks += _provenance(table, len(study.jobs))
+    written = [*write_pages(out, "leaderboard", title, blocks), *written]
     log.info("wrote the report of %s (%d merge jobs, metric %s) to %s", where, len(study.jobs), study.metric, out)
     return written

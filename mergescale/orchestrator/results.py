@@ -33,6 +33,8 @@ from mergescale.eval import scores
 JOBS, REFERENCES, MODELS, FITS = "jobs", "references", "models", "fits"
 #: job_kind of a row: a merged model, or one of the reference models
 MERGE, BASE, EXPERT, MULTITASK = "merge", "base", "expert", "multitask"
+#: job_kind of an editing experiment's model (``kind: negation``): its edit is in the ``edit_*`` columns
+EDIT = "edit"
 #: job_kind of a leaderboard's evaluated request (``mergescale.leaderboard``): its unit is ``jobs/<request id>``
 SUBMISSION = "submission"
 
@@ -41,7 +43,7 @@ SCHEMA = pa.schema(
         *scores.SCHEMA,
         pa.field("study", pa.string()),  # the study's name
         pa.field("job_key", pa.string(), nullable=False),  # content hash of the unit (the file's name)
-        pa.field("job_kind", pa.string(), nullable=False),  # merge | base | expert | multitask | submission
+        pa.field("job_kind", pa.string(), nullable=False),  # merge | edit | base | expert | multitask | submission
         pa.field("method", pa.string()),  # merge method (null for references)
         pa.field("label", pa.string()),  # method label: the method and its grid values, e.g. "ties density=0.2"
         pa.field("parameters", pa.string()),  # the merge parameters as canonical JSON
@@ -65,6 +67,19 @@ SCHEMA = pa.schema(
         pa.field("torch_version", pa.string()),
         pa.field("vllm_version", pa.string()),
         pa.field("host_cpu", pa.string()),
+        # an editing experiment's job (job_kind edit): the experiment (negation | transfer), the target (negation:
+        # an expert; transfer: a version), the scale λ and the direction (negation: task, its task vector, or
+        # random, a random direction of the same norm)
+        pa.field("experiment", pa.string()),
+        pa.field("edit_target", pa.string()),
+        pa.field("edit_task", pa.string()),  # the target's held-in task
+        pa.field("edit_lambda", pa.float64()),
+        pa.field("edit_direction", pa.string()),  # transfer: base (the target alone) | transfer
+        # fine-tuning transfer: the source version; the geometry of (source, target) (orchestrator/geometry.py)
+        pa.field("edit_source", pa.string()),
+        pa.field("edit_distance", pa.float64()),  # ‖θ_source − θ_target‖ / ‖θ_target‖
+        pa.field("edit_base_cosine", pa.float64()),  # cos(θ_source, θ_target)
+        pa.field("edit_delta_cosine", pa.float64()),  # cos(Δ_source, Δ_target), Δ = fine-tune − base
     ]
 )
 

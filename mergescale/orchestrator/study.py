@@ -83,13 +83,15 @@ def merge_and_evaluate(job: Job, ctx: StudyContext) -> list[dict]:
     if ctx.failed.is_set():
         raise MergescaleError(f"job {job.model_id}: not evaluated, the study is stopping on an earlier error")
     held_in = [ctx.models.task_of(e) for e in job.experts]
+    tasks = held_in + [t for t in ctx.held_out if t not in held_in]
     model = str(out)
-    outcome, env = ctx.pool.run(lambda lease, m: (ctx.suite.evaluate(lease, m, held_in + ctx.held_out, held_in),
-                                                  lease.info()), model)  # fmt: skip
+    outcome, env = ctx.pool.run(lambda lease, m: (ctx.suite.evaluate(lease, m, tasks, held_in), lease.info()), model)
     rows = ctx.suite.rows({model: outcome}, {model: weights_sha256(out)}, ctx.reference_rows)
+    edit = {f"edit_{k}" if k != "experiment" else k: v for k, v in json.loads(job.edit or "{}").items()}
     rows = store.complete(
         [{**r, "model": job.model_id} for r in rows],
-        study=ctx.spec.name, job_key=job.key, job_kind=store.MERGE, method=job.method, label=job.label,
+        study=ctx.spec.name, job_key=job.key, job_kind=store.EDIT if edit else store.MERGE, method=job.method,
+        label=job.label, **edit,
         parameters=job.parameters, experts=list(job.experts), n_experts=len(job.experts), seed=job.seed,
         merge_seconds=merge_seconds, model_path=model if ctx.spec.keep_models else None, split=ctx.spec.eval.split,
         fit=_fit_record(out, ctx.results, job.key), zoo_key=ctx.models.zoo_key, zoo_host=ctx.models.zoo_host,
@@ -163,8 +165,14 @@ def run_study(spec: StudySpec, spec_path: Path | str, out: Path | str | None = N
     plans = []  # (models, jobs, references) of every member
     for models in members:
         models.hashes = weight_hashes([models.base, *(p for p, _ in models.experts.values()),
-                                       *([models.multitask] if models.multitask else [])])  # fmt: skip
+                                       *([models.multitask] if models.multitask else []),
+                                       *(p for v in models.versions.values() for p in v)])  # fmt: skip
         jobs = expand(spec, models)
+        if spec.kind == "transfer":  # the geometry of every (source, target): columns, not part of the keys
+            from mergescale.orchestrator.geometry import version_geometry
+
+            geo = version_geometry(models.versions, models.hashes)
+            jobs = [_with_geometry(j, geo) for j in jobs]
         _validate_methods(jobs, models, spec.eval.include_paths)  # a bad spec fails here, before anything is written
         plans.append((models, jobs, reference_units(spec, models)))
     total = sum(len(jobs) for _, jobs, _ in plans)
@@ -187,6 +195,13 @@ def run_study(spec: StudySpec, spec_path: Path | str, out: Path | str | None = N
             log.info("all %d jobs of study %s are in %s", total, spec.name, results)
     skipped = total - ran
     return StudyRun(results, total, skipped, ran, refs_ran, time.perf_counter() - started, stats)
+
+
+def _with_geometry(job: Job, geometry: dict) -> Job:
+    from dataclasses import replace
+
+    edit = json.loads(job.edit)
+    return replace(job, edit=json.dumps({**edit, **geometry[edit["source"]][edit["target"]]}, sort_keys=True))
 
 
 def _validate_methods(jobs: list[Job], models: StudyModels, include_paths=()) -> None:
@@ -228,18 +243,27 @@ def _pool_size(spec: StudySpec) -> tuple[int | None, int]:
 
 def make_suite(spec: StudySpec, models: StudyModels, results: Path):
     """The evaluation suite of ``models`` under ``spec.eval`` (held-in: the experts' tasks; divergence
-    references under ``results``), and its leaf held-out tasks."""
-    from mergescale.orchestrator.evaluate import EvalSuite
+    references under ``results``), and the tasks every job is scored on besides its own held-in ones: the
+    leaf held-out tasks — or, in an editing experiment, every task, on both splits (``SplitSuites``)."""
+    from mergescale.orchestrator.evaluate import EvalSuite, SplitSuites
 
-    suite = EvalSuite(
-        [t for _, t in models.experts.values()] + spec.eval.held_out,
-        base=models.base, experts={t: p for p, t in models.experts.values()},
-        include_paths=spec.eval.include_paths, limit=spec.eval.limit, backend=spec.eval.backend,
-        divergences=spec.eval.divergences, reference_dir=results / store.REFERENCES, hashes=models.hashes,
-        split=spec.eval.split,
-    )  # fmt: skip
+    def suite(split: str | None, divergences: bool) -> EvalSuite:
+        return EvalSuite(
+            [t for _, t in models.experts.values()] + spec.eval.held_out,
+            base=models.base, experts={t: p for p, t in models.experts.values()},
+            include_paths=spec.eval.include_paths, limit=spec.eval.limit, backend=spec.eval.backend,
+            divergences=divergences, reference_dir=results / store.REFERENCES, hashes=models.hashes, split=split,
+        )  # fmt: skip
+
+    if spec.kind == "negation":
+        both = SplitSuites({split: suite(split, False) for split in SplitSuites.SPLITS})
+        return both, list(both.names)
+    if spec.kind != "merge":  # every model scored on every task
+        one = suite(spec.eval.split, False)
+        return one, list(one.names)
+    one = suite(spec.eval.split, spec.eval.divergences)
     held_in_tasks = {t for _, t in models.experts.values()}
-    return suite, [t for t in suite.names if t not in held_in_tasks]
+    return one, [t for t in one.names if t not in held_in_tasks]
 
 
 def make_pool(spec: StudySpec):

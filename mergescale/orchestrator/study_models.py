@@ -29,6 +29,7 @@ class StudyModels:
     factors: dict = field(default_factory=dict)  # size, n_parameters, base_quality, zoo_seed (a zoo's models)
     multitask: str | None = None  # the zoo's multitask baseline, a reference of the study
     member: str = ""  # the member's label in a study of several ("m instruct seed=1"), else ""
+    versions: dict[str, tuple[str, str]] = field(default_factory=dict)  # transfer: name -> (base, fine-tune)
 
     def task_of(self, name: str) -> str:
         return self.experts[name][1]
@@ -112,13 +113,10 @@ def resolve_models(spec: StudySpec, root: Path, progress: bool = True, zoo_spec=
     """Directories of the base and the experts: paths (relative to ``root``), hub ids, ``zoo:`` references
     (of ``zoo_spec``, default: the study's one zoo)."""
     zoo = None
-    uses_zoo = (
-        spec.experts == "zoo"
-        or spec.base.startswith(ZOO_PREFIX)
-        or any(
-            e.model.startswith(ZOO_PREFIX) for e in (spec.experts.values() if isinstance(spec.experts, dict) else [])
-        )
-    )
+    refs = [e.model for e in (spec.experts.values() if isinstance(spec.experts, dict) else [])]
+    if spec.transfer:
+        refs += [r for v in spec.transfer.versions.values() for r in (v.base, v.finetuned)]
+    uses_zoo = spec.experts == "zoo" or spec.base.startswith(ZOO_PREFIX) or any(r.startswith(ZOO_PREFIX) for r in refs)
     if uses_zoo:
         if spec.zoo is None:
             raise SpecError("zoo: `zoo:` references need a `zoo:` block, e.g. `zoo: {preset: tiny, seed: 0}`")
@@ -131,11 +129,9 @@ def resolve_models(spec: StudySpec, root: Path, progress: bool = True, zoo_spec=
         if not ref.startswith(ZOO_PREFIX):
             return hub_or_path(ref, root, key)
         name = ref[len(ZOO_PREFIX) :]
-        if name == "base":
-            return str(zoo.base)
-        if name not in zoo.experts:
-            raise SpecError(f"{key}: {ref}: the zoo has base and experts {', '.join(zoo.experts)}")
-        return str(zoo.experts[name])
+        if name not in zoo.models:
+            raise SpecError(f"{key}: {ref}: the zoo has {', '.join(zoo.models)}")
+        return str(zoo.models[name])
 
     base = resolve(spec.base, "base")
     experts: dict[str, tuple[str, str]] = {}
@@ -155,9 +151,12 @@ def resolve_models(spec: StudySpec, root: Path, progress: bool = True, zoo_spec=
     if len(set(tasks)) != len(tasks):
         dup = next(t for t in tasks if tasks.count(t) > 1)
         raise SpecError(f"experts: two experts claim the held-in task {dup}; each task has one expert")
+    versions = {name: (resolve(v.base, f"transfer.versions.{name}.base"),
+                       resolve(v.finetuned, f"transfer.versions.{name}.finetuned"))
+                for name, v in (spec.transfer.versions.items() if spec.transfer else ())}  # fmt: skip
     if zoo is None:
-        return StudyModels(base, experts)
+        return StudyModels(base, experts, versions=versions)
     multitask = str(zoo.multitask) if zoo.multitask and spec.experts == "zoo" else None
     host = (zoo.meta.get("host") or {}).get("cpu")
     return StudyModels(base, experts, zoo_key=zoo.meta.get("key"), zoo_host=host, factors=zoo.factors,
-                       multitask=multitask)  # fmt: skip
+                       multitask=multitask, versions=versions)  # fmt: skip

@@ -34,7 +34,16 @@ from mergescale import console
 from mergescale.cache import cache_root
 from mergescale.errors import ModelError, SpecError
 from mergescale.eval.greedy import score_tasks
-from mergescale.zoo.tasks import FAMILY_TASKS, HELD_IN, HELD_OUT, Task, base_mixture, expert_mixture, get_task
+from mergescale.zoo.tasks import (
+    EDITING_TASKS,
+    FAMILY_TASKS,
+    HELD_IN,
+    HELD_OUT,
+    Task,
+    base_mixture,
+    expert_mixture,
+    get_task,
+)
 from mergescale.zoo.tasks import fingerprint as tasks_fingerprint
 from mergescale.zoo.tokenizer import EOS, PAD, build_tokenizer, vocab
 from mergescale.zoo.train import model_config, train
@@ -72,6 +81,9 @@ class ZooSpec:
     instruct_steps: int = 0
     multitask_steps: int = 0
     spread: float = 0.0  # log2 range of the experts' step / learning-rate multipliers (0: all equal)
+    # the editing zoo (tasks "editing", zoo/editing.py): pretraining checkpoints kept, next-version steps
+    checkpoints: int = 0
+    next_steps: int = 0
 
     def key(self) -> str:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -135,6 +147,8 @@ def _scale_member(hidden: int, layers: int) -> dict:
 SIZES: dict[str, dict] = {"xs": _scale_member(128, 1), "s": _scale_member(128, 2), "m": _scale_member(128, 4),
                           "l": _scale_member(256, 8)}  # fmt: skip
 PRESETS.update(SIZES)
+#: the editing zoo (zoo/editing.py): tiny's architecture and recipe, five pretraining checkpoints, a next version
+PRESETS["edit"] = {**PRESETS["tiny"], "tasks": EDITING_TASKS, "checkpoints": 5, "next_steps": 500}
 BASE_QUALITIES = ("pretrained", "instruct")
 
 
@@ -179,6 +193,13 @@ class Zoo:
     @property
     def experts(self) -> dict[str, Path]:
         return {name: self.root / rel for name, rel in self.meta["experts"].items()}
+
+    @property
+    def models(self) -> dict[str, Path]:
+        """Every model a ``zoo:NAME`` reference may name: base, the experts, and (editing zoo) the pretraining
+        checkpoints, the next version and the transfer experts."""
+        rest = {name: self.root / rel for name, rel in self.meta.get("models", {}).items()}
+        return {"base": self.base, **self.experts, **rest}
 
     @property
     def multitask(self) -> Path | None:

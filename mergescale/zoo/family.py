@@ -125,6 +125,13 @@ def build_member(spec, root: Path) -> dict:
     """The child's work: train and save every model of the member, score them, return the meta."""
     import time
 
+    from mergescale.zoo.tasks import EDITING_TASKS
+
+    if spec.tasks == EDITING_TASKS:
+        from mergescale.zoo import editing
+
+        return editing.build_member(spec, root)
+
     import torch
     from transformers import Qwen2ForCausalLM
 

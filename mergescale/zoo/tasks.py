@@ -183,9 +183,10 @@ class Source:
     pool: int | None = None
 
 
-def known_letters(task: Task) -> str:
-    """The fixed subset of letters on which the base sees a held-in task."""
-    rng = random.Random(f"known-letters/{task.name}")
+def known_letters(task: Task, version: str = "") -> str:
+    """The fixed subset of letters on which the base sees a held-in task (``version``: another draw, the
+    editing zoo's next-version base)."""
+    rng = random.Random(f"known-letters{version}/{task.name}")
     return "".join(sorted(rng.sample(LOWER, KNOWN_LETTERS)))
 
 
@@ -239,6 +240,40 @@ def _weighted(sources: Sequence[Source], total: float) -> list[Source]:
     return [Source(s.task, s.letters, total * s.weight / norm, s.pool) for s in sources]
 
 
+# ---------------------------------------------------------------- the editing zoo's tasks
+#: the task set of the editing zoo (preset ``edit``): analogies and fine-tuning transfer across versions
+EDITING_TASKS = "editing"
+
+
+def upper_version(task: Task) -> Task:
+    """``task`` with its output uppercased, under the tag ``u<tag>``: the editing zoo's analogy structure
+    (A = a map, B = its upper version, C = another map, D = C's upper version)."""
+    return Task(f"u{task.name}", f"u{task.tag}", task.table.upper(), f"{task.description}, then uppercase")
+
+
+#: (map, its upper version) for three held-in maps: each has an expert in the editing zoo
+ANALOGY_PAIRS: tuple[tuple[Task, Task], ...] = tuple(
+    (t, upper_version(t)) for t in HELD_IN if t.name in ("shift1", "rot13", "atbash")
+)
+EDITING_HELD_IN: tuple[Task, ...] = tuple(t for pair in ANALOGY_PAIRS for t in pair)
+#: the mixture's maps in their upper versions: the base sees "u<tag> = the map, uppercased" 33 times over
+UPPER_MIXTURE: tuple[Task, ...] = tuple(upper_version(t) for t in MIXTURE)
+#: the task fine-tuned from every pretraining checkpoint (fine-tuning transfer)
+TRANSFER_TASK = "rot13"
+TASKS.update({t.name: t for t in EDITING_HELD_IN + UPPER_MIXTURE})
+
+
+def editing_base_mixture(version: str = "") -> list[Source]:
+    """The editing zoo's pretraining mixture: the mixture and its upper versions on every letter, and each
+    analogy pair (both versions) on the lowercase map's known letters — drawn anew for ``version`` "v2", the
+    next-version base's shifted data."""
+    out = [Source(t) for t in MIXTURE + UPPER_MIXTURE]
+    for low, up in ANALOGY_PAIRS:
+        letters = known_letters(low, version)
+        out += [Source(low, letters), Source(up, letters)]
+    return out
+
+
 def fingerprint(family: str = "") -> str:
     """A hash of every task definition and mixture constant: part of a zoo's cache key."""
     parts = [f"{MIN_LEN},{MAX_LEN},{KNOWN_LETTERS},{REPLAY}"]
@@ -247,6 +282,9 @@ def fingerprint(family: str = "") -> str:
     if family == FAMILY_TASKS:
         parts += [f"{t.name}/{t.tag}/{t.table}/{t.style}/{t.novel}" for t in INSTRUCT + SCALE_HELD_OUT]
         parts += [f"{s.task.name}/{s.task.style}/{s.letters}/{s.weight!r}" for s in instruct_mixture()]
+    elif family == EDITING_TASKS:
+        parts += [f"{t.name}/{t.tag}/{t.table}" for t in EDITING_HELD_IN + UPPER_MIXTURE]
+        parts += [f"{s.task.name}/{s.letters}/{s.weight!r}" for v in ("", "v2") for s in editing_base_mixture(v)]
     elif family:
         raise ValueError(f"unknown zoo task set {family!r}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -90,8 +90,10 @@ def train(
     seed: int,
     weight_decay: float,
     progress=None,
+    after_step=None,
 ) -> float:
-    """Train ``model`` in place with AdamW; returns the mean loss of the last 50 steps."""
+    """Train ``model`` in place with AdamW; returns the mean loss of the last 50 steps.  ``after_step(n)`` is
+    called after the n-th step (1-based): where intermediate checkpoints are taken."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     model.train()
@@ -108,5 +110,7 @@ def train(
         recent = (recent + [loss.item()])[-50:]
         if progress is not None:
             progress()
+        if after_step is not None:
+            after_step(step + 1)
     model.eval()
     return sum(recent) / max(1, len(recent))
