@@ -481,10 +481,12 @@ def _size_table(board: list[dict], n: int) -> tuple[list[str], list[list[str]]]:
 def print_table(table: Table, header: list[str], rows: list[list[str]]):
     """Print ``rows`` under ``header`` in the rich ``table`` (first column left, the others right) on the results
     console (at least 160 columns wide when it is not a terminal); returns the console."""
+    from rich.text import Text  # plain text: a name such as "a:b::c:d" or "[x]" is neither emoji code nor markup
+
     for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        table.add_column(Text(column), justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
     console = terminal.results_console()
     if not console.is_terminal:
         console.width = max(console.width, 160)

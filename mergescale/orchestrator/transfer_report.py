@@ -83,8 +83,8 @@ def headline(table: pa.Table, metric: str | None, where: str) -> tuple[str, list
     return f"fine-tuning transfer: {task} {metric} (diagonal: the target's own fine-tune)", header, rows
 
 
-def _reading(order, cells, task) -> list[list[str]]:
-    gains, dist, alone = [], [], []
+def _reading(order, cells, task, held_out) -> list[list[str]]:
+    gains, dist, alone, general = [], [], [], []
     for t in order:
         base = (cells.get((t, "")) or {}).get(task)
         for s in order:
@@ -94,8 +94,12 @@ def _reading(order, cells, task) -> list[list[str]]:
             gains.append(c[task] - base)
             dist.append(c["geo"]["distance"])
             alone.append(base)
+            general.append(_mean((cells.get((t, "")) or {}).get(h) for h in held_out))
     out = []
-    for name, xs in (("distance of the bases", dist), ("the target alone's score", alone)):
+    rows = [("distance of the bases", dist), ("the target alone's score", alone)]
+    if held_out and None not in general:
+        rows.append(("the target alone's held-out mean", general))
+    for name, xs in rows:
         if len(gains) >= 3 and len(set(xs)) > 1 and len(set(gains)) > 1:
             rho, p = stats.spearmanr(xs, gains)
             out.append([name, str(len(gains)), f"{rho:.3f}", f"{p:.3g}"])
@@ -130,8 +134,10 @@ def write(table: pa.Table, out: Path, metric: str | None, where: str) -> list[Pa
         _Block("h2", "Reading"),
         _Block("p", f"Spearman correlation, over the off-diagonal cells, of the gain on {task} over the target alone "
                     "with: the distance of the bases (a negative ρ: closer sources transfer better) and the target "
-                    "alone's score (a positive ρ: capable targets gain more)."),
-        _Block("table", header=["gain against", "cells", "Spearman ρ", "p"], rows=_reading(order, cells, task)),
+                    "alone's score on the task and its held-out mean (its general skill; a positive ρ: capable targets "
+                    "gain more)."),
+        _Block("table", header=["gain against", "cells", "Spearman ρ", "p"],
+               rows=_reading(order, cells, task, held_out)),
         _Block("p", f"Published: {PAPER}."),
         _Block("figure", "transfer", caption=f"{task} {metric} of every (target, source) cell, and the distance of "
                                              "the bases"),
