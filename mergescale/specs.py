@@ -78,6 +78,11 @@ MERGEKIT: dict[str, dict[str, Any]] = {
     "nuslerp": {},
     "multislerp": {},
     "karcher": {},
+    "nearswap": {},
+    "sce": {"select_topk": 1.0},
+    "arcee_fusion": {},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
 }
 _MERGEKIT_RENAMES = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 _MERGEKIT_IGNORED = {"int8_mask"}  # a memory option of mergekit with no effect on the values

@@ -96,12 +96,21 @@ def configs(zoo) -> dict[str, dict]:
         "multislerp": {"merge_method": "multislerp", "base_model": b, "models": models(three, weight=[1.0, 2.0, 1.0])},
         "karcher": {"merge_method": "karcher", "models": models(three)},
         "model_stock": {"merge_method": "model_stock", "base_model": b, "models": models(three)},
+        "sce": {"merge_method": "sce", "base_model": b, "models": models(three), "parameters": {"select_topk": 0.4}},
+        "nearswap": {"merge_method": "nearswap", "base_model": b, "models": [{"model": b}, {"model": e["digit"]}],
+                     "parameters": {"t": 0.001}},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": b,
+                         "models": [{"model": b}, {"model": e["rot13"]}]},
+        "ram": {"merge_method": "ram", "base_model": b, "models": models(three), "parameters": {"epsilon": 1e-3}},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": b, "models": models(three),
+                       "parameters": {"r": 0.5, "alpha": 0.8, "epsilon": 1e-3}},
     }  # fmt: skip
 
 
 MERGEKIT_METHODS = [
     "linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear",
-    "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock",
+    "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "nearswap",
+    "arcee_fusion", "ram", "ramplus_tl",
 ]  # fmt: skip
 
 

@@ -162,6 +162,7 @@ NOT_IDEMPOTENT = {
     "tsv": "keeps 1/n of each task's spectrum",
     "transfer": "its two inputs are a fine-tune and its base, not experts",
     "random_direction": "a random direction of the task vector's norm, not the task vector",
+    "arcee_fusion": "keeps only the outliers of importance, not the whole change",
     "awd": "removes what the task vectors share, which for identical experts is most of them",
 }
 
@@ -173,7 +174,7 @@ def test_identical_experts_give_the_expert(name):
     expert = base + 0.01 * torch.randn(8, 16, generator=g)
     m = get_method(name)
     n = m.n_experts or 3
-    params = {"t": 1.0} if name == "slerp" else {}
+    params = {"t": 1.0} if name in ("slerp", "nearswap") else {}  # nearswap: t above every difference
     if "density" in m.Params.model_fields:
         params["density"] = 1.0  # keep every entry (DELLA: with probability exactly 1)
         if "epsilon" in m.Params.model_fields:

@@ -46,7 +46,8 @@ dtype: bfloat16
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("merge_method: sce\nmodels: [{model: a}]\n", "merge_method 'sce' is not one mergescale imports"),
+        ("merge_method: passthrough\nmodels: [{model: a}]\n",
+         "merge_method 'passthrough' is not one mergescale imports"),
         ("merge_method: ties\nslices: []\n", "`slices:` / `modules:` configs are not supported"),
         ("merge_method: ties\nmodels: [{model: a}]\ntokenizer: {source: union}\n", "`tokenizer:` block"),
         ("merge_method: ties\nmodels: [{model: a}]\nfoo: 1\n", "c.yaml:3: key `foo`: not a mergekit key; known keys:"),
