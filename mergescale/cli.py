@@ -78,13 +78,24 @@ def _imports_without_gc():
 def _merge(args: argparse.Namespace) -> int:
     with _imports_without_gc():
         from mergescale.orchestrator.merge import run_merge
-        from mergescale.specs import load_merge_spec
+        from mergescale.specs import load_merge_spec, load_merge_stages
 
+    options = dict(allow_pickle=args.allow_pickle, progress=not args.quiet, address=args.address, device=args.device,
+                   workers=args.workers, include_paths=args.include_path)  # fmt: skip
+    stages = load_merge_stages(args.config)
+    if stages is not None:  # a multi-stage config: one merge per document, in dependency order
+        from mergescale.orchestrator.stages import run_stages
+
+        def said(stage, report) -> None:
+            if not args.quiet:
+                done = "reused from an earlier run" if report is None else f"merged in {report.seconds:.2f} s"
+                print(f"stage {stage.label}: {done}", file=console.stderr())
+
+        run_stages(stages, args.out, on_stage=said, **options)
+        print(Path(args.out).absolute(), file=console.stdout())
+        return 0
     spec = load_merge_spec(args.config)
-    report = run_merge(
-        spec, args.out, allow_pickle=args.allow_pickle, progress=not args.quiet,
-        address=args.address, device=args.device, workers=args.workers, include_paths=args.include_path,
-    )  # fmt: skip
+    report = run_merge(spec, args.out, **options)
     if not args.quiet:
         if report.fit is not None:
             data = ", ".join(f"{d['count']} {d['task']}/{d['split']}" for d in report.fit.data)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -208,6 +209,126 @@ def load_merge_spec(path: Path | str) -> MergeSpec:
     if _is_mergekit(raw):
         return from_mergekit(raw, str(path), text)  # paths relative to the working directory, as in mergekit
     return _relative_to(_validate(raw, str(path), text), path.parent)
+
+
+@dataclass(frozen=True)
+class MergeStage:
+    """One document of a multi-stage merge config: its name (None: the final, unnamed merge), the names of the
+    stages whose outputs it takes as models, and how to build its spec once those outputs' paths are known."""
+
+    name: str | None
+    uses: tuple[str, ...]
+    raw: dict
+    text: str  # the document, with its lines at their place in the file (errors name the file's line)
+    source: str
+    root: Path
+
+    def spec(self, outputs: dict[str, str]) -> MergeSpec:
+        """The stage's spec, each stage name among its models replaced by that stage's output directory."""
+        raw = _substitute(self.raw, outputs)
+        if _is_mergekit(raw):
+            return from_mergekit(raw, self.source, self.text)
+        return _relative_to(_validate(raw, self.source, self.text), self.root)
+
+    @property
+    def label(self) -> str:
+        return self.name or "final (unnamed)"
+
+
+def _model_refs(raw: dict) -> list[str]:
+    """Every model reference of one document (mergekit's base_model / models, mergescale's base / experts)."""
+    refs = [raw.get("base_model"), raw.get("base")]
+    for entry in (raw.get("models") or []) + (raw.get("experts") or []):
+        refs.append(entry.get("model") if isinstance(entry, dict) else entry)
+    return [r for r in refs if isinstance(r, str)]
+
+
+def _substitute(raw: dict, outputs: dict[str, str]) -> dict:
+    def one(ref):
+        return outputs.get(ref, ref) if isinstance(ref, str) else ref
+
+    out = {k: v for k, v in raw.items() if k != "name"}
+    for key in ("base_model", "base"):
+        if key in out:
+            out[key] = one(out[key])
+    for key in ("models", "experts"):
+        if isinstance(out.get(key), list):
+            out[key] = [{**e, "model": one(e.get("model"))} if isinstance(e, dict) else one(e) for e in out[key]]
+    return out
+
+
+def load_merge_stages(path: Path | str) -> list[MergeStage] | None:
+    """The stages of a multi-document merge config (mergekit's multi-merge form: each document a merge, named
+    by `name:`; a later one may list an earlier one's name as a model), in an order where every stage comes
+    after the stages it uses, the final (the unnamed document, else the one no other uses) last.  None for a
+    single-document config."""
+    path = Path(path)
+    text, docs = _read_documents(path, lambda t: [d for d in yaml.safe_load_all(t) if d is not None])
+    if len(docs) <= 1:
+        return None
+    texts = _document_texts(text)
+    if len(texts) != len(docs):  # an unusual layout (e.g. `--- ` with content on the marker line): no line numbers
+        texts = [""] * len(docs)
+    stages: dict[str | None, MergeStage] = {}
+    for i, raw in enumerate(docs):
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: document {i + 1} is not a mapping; each document of a multi-stage config is "
+                            "one merge")
+        name = raw.get("name")
+        if name is not None and not isinstance(name, str):
+            raise SpecError(f"{_where(str(path), texts[i], ('name',))}: key `name`: a stage's name is a string")
+        if name in stages:
+            what = f"two stages are named {name!r}" if name else "two documents have no `name:`; only the final merge"
+            raise SpecError(f"{_where(str(path), texts[i], ('name',))}: {what} (each stage needs its own name)")
+        stages[name] = MergeStage(name, (), raw, texts[i], str(path), path.parent)
+    names = {n for n in stages if n}
+    for key, stage in list(stages.items()):
+        stages[key] = MergeStage(stage.name, tuple(dict.fromkeys(r for r in _model_refs(stage.raw) if r in names)),
+                                 stage.raw, stage.text, stage.source, stage.root)  # fmt: skip
+    if None in stages:
+        final = None
+    else:
+        sinks = [n for n in stages if not any(n in s.uses for s in stages.values())]
+        if len(sinks) != 1:
+            raise SpecError(f"{path}: stages {', '.join(map(repr, sinks))} are all final (no other stage uses them); "
+                            "leave the final merge unnamed or make it use the others")
+        final = sinks[0]
+    order: list[str | None] = []
+    visiting: list[str | None] = []
+
+    def visit(key: str | None) -> None:
+        if key in order:
+            return
+        if key in visiting:
+            cycle = " -> ".join(map(str, [*visiting[visiting.index(key):], key]))
+            raise SpecError(f"{path}: stages use each other in a cycle: {cycle}")
+        visiting.append(key)
+        for dep in stages[key].uses:
+            visit(dep)
+        visiting.pop()
+        order.append(key)
+
+    for key in stages:
+        if key != final:
+            visit(key)
+    visit(final)
+    return [stages[k] for k in order]
+
+
+def _document_texts(text: str) -> list[str]:
+    """Each document's text, preceded by as many blank lines as come before it in the file."""
+    out, current, start = [], [], 0
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.rstrip() == "---":
+            if any(x.strip() and not x.lstrip().startswith("#") for x in current):
+                out.append("\n" * start + "\n".join(current))
+            current, start = [], i + 1
+        else:
+            current.append(line)
+    if any(x.strip() and not x.lstrip().startswith("#") for x in current):
+        out.append("\n" * start + "\n".join(current))
+    return out
 
 
 def _relative_to(spec: MergeSpec, root: Path) -> MergeSpec:
@@ -468,16 +589,21 @@ def yaml_line(text: str, loc: tuple) -> int | None:
     return line
 
 
-def _read_yaml(path: Path, what: str) -> tuple[str, dict]:
+def _read_documents(path: Path, load=yaml.safe_load):
+    """The file's text and what ``load`` makes of it; a missing file or bad YAML is a one-line error."""
     try:
         text = path.read_text()
-        raw = yaml.safe_load(text)
+        return text, load(text)
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise SpecError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def _read_yaml(path: Path, what: str) -> tuple[str, dict]:
+    text, raw = _read_documents(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: {what}")
     return text, raw
