@@ -713,6 +713,9 @@ def load_study_spec(path: Path | str) -> StudySpec:
             if key not in needed and getattr(spec, key) is not None:
                 raise SpecError(f"{_where(str(path), text, (key,))}: key `{key}` belongs to a study of kind "
                                 f"{kind}, and this study is of kind {spec.kind}; drop it (or set `kind: {kind}`)")
+    if spec.kind != "merge" and spec.zoo and any(isinstance(v, list) and len(v) > 1 for v in spec.zoo.values()):
+        raise SpecError(f"{_where(str(path), text, ('zoo',))}: key `zoo`: an editing experiment runs on one zoo; "
+                        "give single values (one study per zoo member)")
     if spec.kind == "negation" and spec.eval.split is not None:
         raise SpecError(f"{_where(str(path), text, ('eval', 'split'))}: key `eval.split`: a negation study scores "
                         "every model on both splits (validation to select λ, test to report); drop `split`")

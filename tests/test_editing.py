@@ -50,6 +50,7 @@ def _write(tmp_path: Path, raw: dict) -> Path:
         ({"negation": {"lambdas": [1], "control_keep": 1.5}}, "negation.control_keep"),
         ({"eval": {"split": "validation"}}, "eval.split"),
         ({"kind": "merge", "negation": None}, "`subsets`"),  # a merge study needs subsets and methods
+        ({"zoo": {"preset": ["xs", "s"]}}, "`zoo`"),  # one zoo per editing study
     ],
 )
 def test_spec_errors_name_the_key(tmp_path, change, key):
