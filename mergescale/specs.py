@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -564,6 +564,10 @@ class LeaderboardSpec(_ModelsSpec):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     lease_seconds: int = Field(3600, ge=10)  # a RUNNING request whose runner stopped renewing is taken again
+    # what the study functions a leaderboard shares read (orchestrator/study_models.py, jobs.py, study.py): its
+    # evaluation is a merge study's (every task held-in or held-out as listed), with no transfer versions
+    kind: ClassVar[str] = "merge"
+    transfer: ClassVar[None] = None
 
 
 # ---------------------------------------------------------------- reading YAML, reporting errors

@@ -225,3 +225,19 @@ def test_a_run_killed_at_any_point_and_rerun_evaluates_no_model_twice_and_loses_
 
     third = _cli("run", board, "--quiet")
     assert third.returncode == 0 and "run-0002: 0 evaluated, 0 failed" in third.stderr
+
+
+def test_a_leaderboard_is_evaluated_and_keyed_as_a_merge_study_is():
+    """The study functions a leaderboard shares (models, suite, reference units) read a study's kind and
+    transfer versions: a leaderboard is a merge study's evaluation, so its reference keys are a merge study's."""
+    from mergescale.orchestrator.jobs import reference_units
+    from mergescale.orchestrator.study_models import StudyModels
+    from mergescale.specs import LeaderboardSpec, StudySpec
+
+    raw = {"name": "lb", "base": "/m/base", "experts": {"upper": {"model": "/m/upper", "task": "zoo_upper"}},
+           "eval": {"held_out": ["zoo_copy"], "limit": 20}}  # fmt: skip
+    models = StudyModels("/m/base", {"upper": ("/m/upper", "zoo_upper")}, {"/m/base": "b" * 64, "/m/upper": "u" * 64})
+    board = LeaderboardSpec.model_validate(raw)
+    study = StudySpec.model_validate({**raw, "subsets": {"sizes": [1]}, "methods": [{"method": "linear"}]})
+    assert (board.kind, board.transfer) == ("merge", None)
+    assert [u["key"] for u in reference_units(board, models)] == [u["key"] for u in reference_units(study, models)]
