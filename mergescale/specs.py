@@ -723,14 +723,17 @@ def load_study_spec(path: Path | str) -> StudySpec:
     if spec.kind == "negation" and spec.eval.split is not None:
         raise SpecError(f"{_where(str(path), text, ('eval', 'split'))}: key `eval.split`: a negation study scores "
                         "every model on both splits (validation to select λ, test to report); drop `split`")
-    names = list(spec.experts) if isinstance(spec.experts, dict) else None
+    names = list(spec.experts) if isinstance(spec.experts, dict) else None  # `experts: zoo`: checked when expanded
+
+    def expert(name: str | None, loc: tuple) -> None:
+        if name is not None and names is not None and name not in names:
+            raise SpecError(f"{_where(str(path), text, loc)}: key `{'.'.join(map(str, loc))}`: {name!r} is not an "
+                            f"expert of this study ({', '.join(names)})")
+
     for i, analogy in enumerate(spec.analogy.analogies if spec.analogy else ()):
         where = ("analogy", "analogies", i)
         for role in ("a", "b", "c", "d"):
-            name = getattr(analogy, role)
-            if name is not None and names is not None and name not in names:
-                raise SpecError(f"{_where(str(path), text, (*where, role))}: key `analogy.analogies.{i}.{role}`: "
-                                f"{name!r} is not an expert of this study ({', '.join(names)})")
+            expert(getattr(analogy, role), (*where, role))
         if (analogy.d is None) == (analogy.d_task is None):
             raise SpecError(f"{_where(str(path), text, where)}: key `analogy.analogies.{i}`: give D as `d:` (an "
                             "expert, the ceiling) or as `d_task:` (a held-out task with no expert), one of them")
@@ -740,12 +743,8 @@ def load_study_spec(path: Path | str) -> StudySpec:
         if len({analogy.a, analogy.b, analogy.c, analogy.d} - {None}) < 3 + (analogy.d is not None):
             raise SpecError(f"{_where(str(path), text, where)}: key `analogy.analogies.{i}`: a, b, c (and d) are "
                             "distinct experts")
-    if spec.negation and spec.negation.targets is not None:
-        names = list(spec.experts) if isinstance(spec.experts, dict) else None
-        for i, t in enumerate(spec.negation.targets):
-            if names is not None and t not in names:
-                raise SpecError(f"{_where(str(path), text, ('negation', 'targets', i))}: key `negation.targets.{i}`: "
-                                f"{t!r} is not an expert of this study ({', '.join(names)})")
+    for i, t in enumerate((spec.negation.targets or []) if spec.negation else ()):
+        expert(t, ("negation", "targets", i))
     return spec
 
 

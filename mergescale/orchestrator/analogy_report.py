@@ -53,7 +53,10 @@ def _data(table: pa.Table, metric: str | None, where: str):
 
 
 def headline(table: pa.Table, metric: str | None, where: str) -> tuple[str, list[str], list[list[str]]]:
-    metric, refs, cells, quads, _, lambdas = _data(table, metric, where)
+    return _headline(*_data(table, metric, where))
+
+
+def _headline(metric, refs, cells, quads, held_out, lambdas) -> tuple[str, list[str], list[list[str]]]:
     lam = min(lambdas, key=lambda x: (abs(x - 1), x))
     header = ["analogy A:B::C:D", "D task", "base", f"C alone λ={lam:g}", f"analogy λ={lam:g}", "D expert (ceiling)"]
     rows, numbers = [], []
@@ -68,8 +71,9 @@ def headline(table: pa.Table, metric: str | None, where: str) -> tuple[str, list
 
 
 def write(table: pa.Table, out: Path, metric: str | None, where: str) -> list[Path]:
-    metric, refs, cells, quads, held_out, lambdas = _data(table, metric, where)
-    title_line, header, rows = headline(table, metric, where)
+    data = _data(table, metric, where)
+    metric, refs, cells, quads, held_out, lambdas = data
+    title_line, header, rows = _headline(*data)
     out.mkdir(parents=True, exist_ok=True)
     every = []
     for quad, (_, task) in quads.items():

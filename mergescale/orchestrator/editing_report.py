@@ -50,7 +50,6 @@ class _Point:
 class _Target:
     name: str
     task: str
-    keep: float
     # (split, direction) -> λ -> point
     curves: dict[tuple[str | None, str], dict[float, _Point]] = field(default_factory=dict)
 
@@ -70,7 +69,7 @@ def _metric(rows: list[dict], metric: str | None, where: str) -> str:
     return metric
 
 
-def _collect(table: pa.Table, metric: str | None, where: str, keep: float) -> tuple:
+def _collect(table: pa.Table, metric: str | None, where: str) -> tuple:
     """(metric, base scores by split and task, the targets with their curves, the control tasks)."""
     rows = [r for r in table.to_pylist() if r["kind"] == "score"]
     metric = _metric(rows, metric, where)
@@ -89,7 +88,7 @@ def _collect(table: pa.Table, metric: str | None, where: str, keep: float) -> tu
     targets: dict[str, _Target] = {}
     grouped: dict[tuple, list[dict[str, float]]] = {}
     for (target, task, direction, lam, _seed, split), values in sorted(models.items(), key=str):
-        targets.setdefault(target, _Target(target, task, keep))
+        targets.setdefault(target, _Target(target, task))
         grouped.setdefault((target, split, direction, lam), []).append(values)
     for (target, split, direction, lam), runs in grouped.items():
         t = targets[target]
@@ -101,8 +100,7 @@ def _collect(table: pa.Table, metric: str | None, where: str, keep: float) -> tu
         )
         t.curves.setdefault((split, direction), {})[lam] = point
     for t in targets.values():
-        for curve in t.curves.values():
-            curve.update(dict(sorted(curve.items())))
+        t.curves = {k: dict(sorted(curve.items())) for k, curve in t.curves.items()}  # λ in numeric order
     return metric, base, sorted(targets.values(), key=lambda t: t.name), control_tasks
 
 
@@ -130,6 +128,7 @@ class _Analysis:
     targets: list[_Target]
     control_tasks: list[str]
     base: dict  # split -> task -> raw score
+    control_base: float | None  # the base's mean control score on the test split
     chosen: dict  # (target, direction) -> the selected λ (None: no λ kept the control)
     header: list[str]
     summary: list[list[str]]  # the Table 1 form: one row per target (and their mean)
@@ -137,8 +136,8 @@ class _Analysis:
 
 
 def _analyse(table: pa.Table, metric: str | None, where: str) -> _Analysis:
-    keep = _keep(where)
-    metric, base, targets, control_tasks = _collect(table, metric, where, keep)
+    keep = float((stored_spec(where).get("negation") or {}).get("control_keep", 0.95))
+    metric, base, targets, control_tasks = _collect(table, metric, where)
     if not targets:
         raise MergescaleError(f"{where}: no edited models scored on metric {metric}; run the study first")
     base_test, base_val = base.get(TEST, {}), base.get(VALIDATION, {})
@@ -168,7 +167,7 @@ def _analyse(table: pa.Table, metric: str | None, where: str) -> _Analysis:
     header = ["target", "base: target", "base: control"]
     for label in DIRECTIONS.values():
         header += [f"{label}: λ*", "target", "control", "control % of base"]
-    return _Analysis(metric, keep, targets, control_tasks, base, chosen, header, summary, curves_rows)
+    return _Analysis(metric, keep, targets, control_tasks, base, control_test, chosen, header, summary, curves_rows)
 
 
 def finish(table: pa.Table, out: Path, stem: str, blocks: list[_Block], figure, what: str, metric: str) -> list[Path]:
@@ -220,8 +219,7 @@ def write(table: pa.Table, out: Path, metric: str | None, where: str) -> list[Pa
         return report.write(table, out, metric, where)
     a = _analyse(table, metric, where)
     metric, keep, targets, control_tasks, chosen = a.metric, a.keep, a.targets, a.control_tasks, a.chosen
-    base_test, base_val = a.base.get(TEST, {}), a.base.get(VALIDATION, {})
-    control_test = _mean(base_test.get(c) for c in control_tasks)
+    base_test, base_val, control_test = a.base.get(TEST, {}), a.base.get(VALIDATION, {}), a.control_base
     out.mkdir(parents=True, exist_ok=True)
     split_note = ("λ* is selected on the validation split (the lowest target score among the λ whose control "
                   f"score is ≥ {100 * keep:g} % of the base's; ties: the smaller λ); every number shown is on the "
@@ -247,15 +245,12 @@ def write(table: pa.Table, out: Path, metric: str | None, where: str) -> list[Pa
     return finish(table, out, "negation", blocks, figure, "edited models", metric)
 
 
-def _keep(where: str) -> float:
-    """The study's ``negation.control_keep``, from the spec the store was last run with (default 0.95)."""
+def stored_spec(where: str) -> dict:
+    """The study YAML the (first) store was last run with, as a mapping ({} when it is not there)."""
     import yaml
 
     spec = Path(where.split(", ")[0]) / "study.yaml"
-    if spec.is_file():
-        raw = yaml.safe_load(spec.read_text()) or {}
-        return float((raw.get("negation") or {}).get("control_keep", 0.95))
-    return 0.95
+    return (yaml.safe_load(spec.read_text()) or {}) if spec.is_file() else {}
 
 
 def _figure(targets: list[_Target], base: dict, control_base: float | None, chosen: dict, metric: str, keep: float):

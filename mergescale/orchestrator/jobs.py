@@ -137,9 +137,20 @@ def expand(spec: StudySpec, models: StudyModels) -> list[Job]:
             for seed in spec.seeds:
                 key = job_key(spec, models, subset, method, params, seed)
                 model_id = f"{label}/{'+'.join(subset)}" + (f"/seed={seed}" if len(spec.seeds) > 1 else "")
-                model_id = f"[{models.member}] {model_id}" if models.member else model_id
-                jobs.append(Job(key, method, label, canonical(params), tuple(subset), seed, model_id))
+                jobs.append(Job(key, method, label, canonical(params), tuple(subset), seed, _shown(models, model_id)))
     return jobs
+
+
+def _edit_key(spec: StudySpec, models: StudyModels, **fields) -> str:
+    """The content hash of an editing experiment's job: ``fields`` (its models' hashes, method, parameters and
+    edit), under the study's suite — every expert's task, scored whatever the job edits."""
+    return _digest({**fields, "suite": suite_key(spec, [models.task_of(e) for e in models.experts]),
+                    "mergescale": mergescale.__version__, **({"factors": models.factors} if models.factors else {})})
+
+
+def _shown(models: StudyModels, model_id: str) -> str:
+    """``model_id`` as a study's tables show it: prefixed by its zoo member in a study of several."""
+    return f"[{models.member}] {model_id}" if models.member else model_id
 
 
 def expand_negation(spec: StudySpec, models: StudyModels) -> list[Job]:
@@ -150,7 +161,6 @@ def expand_negation(spec: StudySpec, models: StudyModels) -> list[Job]:
     for t in neg.targets or ():
         if t not in names:
             raise SpecError(f"negation.targets: {t!r} is not an expert of this study ({', '.join(names)})")
-    held_in = [models.task_of(e) for e in names]
     directions = [("task", "task_arithmetic", "task vector", spec.seeds[:1])]
     if neg.random_baseline:
         directions.append(("random", "random_direction", "random direction", spec.seeds))
@@ -162,17 +172,12 @@ def expand_negation(spec: StudySpec, models: StudyModels) -> list[Job]:
                     edit = {"experiment": "negation", "target": target, "task": models.task_of(target), "lambda": lam,
                             "direction": direction}  # fmt: skip
                     weights = [{"weight": -lam}]
-                    key = _digest({
-                        "base": models.hashes[models.base],
-                        "experts": [[target, models.hashes[models.experts[target][0]]]],
-                        "method": method, "expert_parameters": weights, "seed": seed, "edit": edit,
-                        "suite": suite_key(spec, held_in), "mergescale": mergescale.__version__,
-                        **({"factors": models.factors} if models.factors else {}),
-                    })  # fmt: skip
+                    key = _edit_key(spec, models, base=models.hashes[models.base],
+                                    experts=[[target, models.hashes[models.experts[target][0]]]], method=method,
+                                    expert_parameters=weights, seed=seed, edit=edit)  # fmt: skip
                     shown = f"{'negate' if direction == 'task' else 'random'} {target} λ={lam:g}"
                     model_id = shown + (f"/seed={seed}" if direction == "random" and len(spec.seeds) > 1 else "")
-                    model_id = f"[{models.member}] {model_id}" if models.member else model_id
-                    jobs.append(Job(key, method, label, canonical({}), (target,), seed, model_id,
+                    jobs.append(Job(key, method, label, canonical({}), (target,), seed, _shown(models, model_id),
                                     canonical(weights), canonical(edit)))  # fmt: skip
     return jobs
 
@@ -195,19 +200,14 @@ def expand_analogy(spec: StudySpec, models: StudyModels) -> list[Job]:
                 edit = {"experiment": "analogy", "target": analogy.d, "task": d_task, "source": quad, "lambda": lam,
                         "direction": direction}  # fmt: skip
                 params, own = {"lambda": lam}, [{"weight": w} for w in weights]
-                key = _digest({
-                    "base": models.hashes[models.base],
-                    "experts": [[e, models.hashes[models.experts[e][0]]] for e in subset], "method": "task_arithmetic",
-                    "parameters": params, "expert_parameters": own, "edit": edit,
-                    "suite": suite_key(spec, [models.task_of(e) for e in models.experts]),
-                    "mergescale": mergescale.__version__, **({"factors": models.factors} if models.factors else {}),
-                })  # fmt: skip
+                key = _edit_key(spec, models, base=models.hashes[models.base],
+                                experts=[[e, models.hashes[models.experts[e][0]]] for e in subset],
+                                method="task_arithmetic", parameters=params, expert_parameters=own,
+                                edit=edit)  # fmt: skip
                 shown = f"{analogy.c} + ({analogy.b} - {analogy.a})" if direction == "analogy" else f"{analogy.c} alone"
-                model_id = f"{shown} λ={lam:g}"
-                model_id = f"[{models.member}] {model_id}" if models.member else model_id
                 label = "analogy" if direction == "analogy" else "C alone"
-                jobs.append(Job(key, "task_arithmetic", label, canonical(params), subset, spec.seeds[0], model_id,
-                                canonical(own), canonical(edit)))  # fmt: skip
+                jobs.append(Job(key, "task_arithmetic", label, canonical(params), subset, spec.seeds[0],
+                                _shown(models, f"{shown} λ={lam:g}"), canonical(own), canonical(edit)))  # fmt: skip
     return jobs
 
 
@@ -216,7 +216,6 @@ def expand_transfer(spec: StudySpec, models: StudyModels) -> list[Job]:
     and, for each source version s, θ_t + λ (θ_ft,s − θ_s) (``transfer``; s = t gives t's own fine-tune).
     Order: target, then t alone, then the sources in the spec's order."""
     names, lam = list(models.versions), spec.transfer.lambda_
-    held_in = [models.task_of(e) for e in models.experts]
     jobs = []
     for target in names:
         for source, scale in [(target, 0.0), *((s, lam) for s in names)]:
@@ -224,16 +223,12 @@ def expand_transfer(spec: StudySpec, models: StudyModels) -> list[Job]:
                     "direction": "base" if scale == 0 else "transfer"}  # fmt: skip
             (tb, _), (sb, sf) = models.versions[target], models.versions[source]
             params = {"lambda": scale}
-            key = _digest({
-                "base": models.hashes[tb], "experts": [models.hashes[sf], models.hashes[sb]], "method": "transfer",
-                "parameters": params, "edit": edit, "suite": suite_key(spec, held_in),
-                "mergescale": mergescale.__version__, **({"factors": models.factors} if models.factors else {}),
-            })  # fmt: skip
+            key = _edit_key(spec, models, base=models.hashes[tb], experts=[models.hashes[sf], models.hashes[sb]],
+                            method="transfer", parameters=params, edit=edit)  # fmt: skip
             shown = f" λ={scale:g}" if lam != 1 else ""
             model_id = f"{target} alone" if scale == 0 else f"{target} + Δ{source}{shown}"
-            model_id = f"[{models.member}] {model_id}" if models.member else model_id
             label = "target alone" if scale == 0 else "transfer"
-            jobs.append(Job(key, "transfer", label, canonical(params), (), spec.seeds[0], model_id,
+            jobs.append(Job(key, "transfer", label, canonical(params), (), spec.seeds[0], _shown(models, model_id),
                             edit=canonical(edit)))  # fmt: skip
     return jobs
 
@@ -252,5 +247,5 @@ def reference_units(spec: StudySpec, models: StudyModels) -> list[dict]:
                             "mergescale": mergescale.__version__,
                             **({"factors": models.factors} if models.factors else {})})  # fmt: skip
         u["model_id"] = u["name"] if u["kind"] in (store.BASE, store.MULTITASK) else f"expert:{u['name']}"
-        u["model_id"] = f"[{models.member}] {u['model_id']}" if models.member else u["model_id"]
+        u["model_id"] = _shown(models, u["model_id"])
     return units

@@ -821,7 +821,7 @@ def write_report(results: Path | Sequence[Path], out: Path, metric: str | None =
     out = Path(out)
     table = read_stores(stores)
     where = ", ".join(map(str, stores))
-    if EDIT in table["job_kind"].to_pylist():
+    if pc.any(pc.equal(table["job_kind"], EDIT)).as_py():
         from mergescale.orchestrator import editing_report  # builds on this module's tables and figures
 
         return editing_report.write(table, out, metric, where)

@@ -23,7 +23,7 @@ from scipy import stats
 
 from mergescale.errors import MergescaleError
 from mergescale.eval.scores import HELD_IN, HELD_OUT
-from mergescale.orchestrator.editing_report import _fmt, _mean, finish
+from mergescale.orchestrator.editing_report import _fmt, _mean, finish, stored_spec
 from mergescale.orchestrator.report import _Block, _new_figure
 from mergescale.orchestrator.results import EDIT
 
@@ -53,17 +53,9 @@ def _data(table: pa.Table, metric: str | None, where: str):
         cell[r["task"]] = r["value"]
     held_in = sorted({r["task"] for r in rows if r["role"] == HELD_IN})
     held_out = sorted({r["task"] for r in rows if r["role"] == HELD_OUT})
-    order = [v for v in _spec_order(where) if v in versions] or versions
+    listed = (stored_spec(where).get("transfer") or {}).get("versions") or []  # the study's order
+    order = [v for v in listed if v in versions] or versions
     return metric, order, cells, held_in, held_out
-
-
-def _spec_order(where: str) -> list[str]:
-    """The versions in the order the study lists them (from the store's study.yaml), else []."""
-    import yaml
-
-    spec = Path(where.split(", ")[0]) / "study.yaml"
-    raw = yaml.safe_load(spec.read_text()) if spec.is_file() else {}
-    return list(((raw or {}).get("transfer") or {}).get("versions") or [])
 
 
 def _matrix(order, cells, value) -> tuple[list[str], list[list[str]]]:

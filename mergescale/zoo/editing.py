@@ -86,7 +86,6 @@ def build_member(spec, root: Path) -> dict:
     log[NEXT] = {"steps": spec.next_steps, "final_loss": round(loss, 4)}
     states[NEXT] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     save(NEXT, "next")
-    paths[NEXT] = "next"
 
     def fine_tune(start: str, task, seed: int, replay: list) -> float:
         model.load_state_dict(states[start])
