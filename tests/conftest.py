@@ -82,9 +82,13 @@ def edit_zoo():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One real local Ray for the whole session (2 CPUs, like CI); merges and evaluators join it."""
+    """One real local Ray for the whole session (2 CPUs, like CI); merges and evaluators join it.
+
+    Its workers' and raylet's logs stay in its session directory (``log_to_driver=False``): forwarded, they
+    reach this process's stderr at any moment, inside another test's captured output (a CI run failed on the
+    raylet's "over 95% full" disk warning landing in a test that compares stderr line by line)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray

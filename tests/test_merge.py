@@ -273,6 +273,7 @@ def assert_refused(spec: Path, out: Path, error: type, message: str, capfd) -> N
     with pytest.raises(error) as err:
         run_merge(load_merge_spec(spec), out, progress=False)
     assert message in str(err.value)
+    capfd.readouterr()  # what the CLI prints, only
     assert main(["merge", str(spec), "--out", str(out), "--quiet"]) == 2
     printed = capfd.readouterr()
     assert [line for line in printed.err.splitlines() if not line.startswith("log: ")] == [
