@@ -253,6 +253,10 @@ class ModelDir:
     def file_of(self, name: str) -> Path:
         return self.path / self.weight_map[name]
 
+    def source_name(self, name: str) -> str:
+        """The tensor's name in the files (a model seen through a layer range renames its layers)."""
+        return name
+
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise ModelError(f"{self.path}: tensor {name} is missing; is this model of the same architecture?")

@@ -23,6 +23,7 @@ mergekit``, which applies mergekit's defaults instead of the papers' (see ``MERG
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,11 +46,39 @@ class ExpertSpec(BaseModel):
     parameters: dict[str, Setting] = Field(default_factory=dict)
 
 
+class SliceSource(BaseModel):
+    """One input of a slice: layers ``layers[0]`` to ``layers[1] - 1`` of a model (mergekit's ``layer_range``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layers: tuple[int, int]
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+    @field_validator("layers")
+    @classmethod
+    def _range(cls, v):
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"[{v[0]}, {v[1]}] is not a layer range: write [first, end) with 0 <= first < end")
+        return v
+
+
+class SliceSpec(BaseModel):
+    """A run of output layers: its sources' layer ranges (all of one length) merged layer by layer with the
+    spec's method.  ``base`` names the source that is the base (default: the spec's ``base``); ``parameters``
+    override the spec's for this slice."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    base: str | None = None
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
 class MergeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str
     base: str | None = None
-    experts: list[ExpertSpec] = Field(min_length=1)
+    slices: list[SliceSpec] | None = Field(default=None, min_length=1)  # a stacked model, instead of `experts`
+    experts: list[ExpertSpec] = Field(default_factory=list, validate_default=True)
     parameters: dict[str, Setting] = Field(default_factory=dict)
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
@@ -60,6 +89,17 @@ class MergeSpec(BaseModel):
     @classmethod
     def _paths(cls, v):
         return [{"model": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
+
+    @field_validator("experts")
+    @classmethod
+    def _experts_or_slices(cls, v, info):
+        slices = info.data.get("slices")
+        if slices and v:
+            raise ValueError("give `experts:` (a merge of whole models) or `slices:` (a stack of layer ranges), "
+                             "not both")  # fmt: skip
+        if not slices and not v:
+            raise ValueError("list at least one expert (or the layer ranges to stack under `slices:`)")
+        return v
 
 
 #: mergekit's own defaults and names, applied to configs imported from mergekit YAML.
@@ -84,16 +124,25 @@ MERGEKIT: dict[str, dict[str, Any]] = {
     "arcee_fusion": {},
     "ram": {"epsilon": 1e-5},
     "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+    "passthrough": {},
 }
 _MERGEKIT_RENAMES = {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 _MERGEKIT_IGNORED = {"int8_mask"}  # a memory option of mergekit with no effect on the values
 
 
 _MERGEKIT_KEYS = (
-    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name",
+    "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "name",
 )  # fmt: skip
-_MERGEKIT_UNSUPPORTED = ("slices", "modules", "tokenizer")  # mergekit keys with no mergescale equivalent
+_MERGEKIT_UNSUPPORTED = ("tokenizer",)  # mergekit keys with no mergescale equivalent
 _MERGEKIT_MODEL_KEYS = ("model", "parameters")
+_MERGEKIT_SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+_MERGEKIT_SOURCE_KEYS = ("model", "layer_range", "parameters")
+_MERGEKIT_LAYOUTS = ("models", "slices")  # a merge's inputs: whole models, or slices of layer ranges
+#: methods whose base model is one of the inputs like any other (mergekit's linear averages the base in when it
+#: is listed; passthrough takes its one input, a `base_model` beside it only picks the output's config)
+_BASE_IS_AN_INPUT = ("linear", "passthrough")
+_SPEC_KEYS = {"method": "merge_method", "base": "base_model", "layers": "layer_range"}  # MergeSpec's → mergekit's
 
 
 def _mergekit_param(key: str, value: Setting) -> tuple[str, Setting]:
@@ -109,19 +158,22 @@ def _is_mergekit(raw: dict) -> bool:
 
 def from_mergekit(raw: dict, source: str, text: str = "") -> MergeSpec:
     """Translate an unmodified mergekit YAML into a MergeSpec with mergekit semantics (``text``: the YAML,
-    for line numbers in errors)."""
+    for line numbers in errors): whole models (``models:``), stacked layer ranges (``slices:``), or either under
+    ``modules: {default: …}`` (the one module of a decoder-only architecture)."""
 
     def fail(loc: tuple, message: str) -> SpecError:
         return SpecError(f"{_where(source, text, loc)}: {message}")
 
-    unknown = [k for k in raw if k not in _MERGEKIT_KEYS + _MERGEKIT_UNSUPPORTED]
-    if unknown:
-        raise fail((unknown[0],), f"key `{unknown[0]}`: not a mergekit key{known_hint(_MERGEKIT_KEYS, unknown[0])}")
-    if "slices" in raw or "modules" in raw:
-        raise fail(
-            ("slices" if "slices" in raw else "modules",),
-            "mergekit `slices:` / `modules:` configs are not supported; list whole models under `models:` instead",
-        )
+    def keys_of(d: Any, loc: tuple, known: tuple, what: str) -> dict:
+        if not isinstance(d, dict):
+            raise fail(loc, f"key `{'.'.join(map(str, loc))}`: write {what}")
+        bad = [k for k in d if k not in known]
+        if bad:
+            where = ".".join(map(str, (*loc, bad[0])))
+            raise fail((*loc, bad[0]), f"key `{where}`: not a mergekit key{known_hint(known, bad[0])}")
+        return d
+
+    keys_of(raw, (), _MERGEKIT_KEYS + _MERGEKIT_UNSUPPORTED, "a mapping")
     method = raw.get("merge_method")
     if method not in MERGEKIT:
         raise fail(
@@ -145,47 +197,92 @@ def from_mergekit(raw: dict, source: str, text: str = "") -> MergeSpec:
             out[k] = v
         return out
 
+    def layout_of(d: dict, loc: tuple) -> str:
+        given = [k for k in _MERGEKIT_LAYOUTS + ("modules",) if d.get(k)]
+        if len(given) != 1:
+            where = f"`{'.'.join(map(str, loc))}`" if loc else "a mergekit config"
+            one = "`models:` (whole models) or `slices:` (layer ranges)" + ("" if loc else " or `modules:`")
+            has = f"; it has {' and '.join(f'`{k}:`' for k in given)}" if given else ""
+            raise fail((*loc, given[-1]) if given else loc, f"{where} needs exactly one of {one}{has}")
+        return given[0]
+
     base = raw.get("base_model")
-    models = raw.get("models") or []
-    if not isinstance(models, list):
-        raise fail(("models",), "key `models`: write a list of `- model: PATH` entries")
-    experts, origin = [], []  # origin: the `models:` index of each expert, for errors
-    for i, entry in enumerate(models):
-        if not isinstance(entry, dict):
-            raise fail(("models", i), f"key `models.{i}`: every entry of `models:` needs a `model:` key")
-        bad = [k for k in entry if k not in _MERGEKIT_MODEL_KEYS]
-        if bad:
-            raise fail(
-                ("models", i, bad[0]),
-                f"key `models.{i}.{bad[0]}`: not a mergekit key{known_hint(_MERGEKIT_MODEL_KEYS, bad[0])}",
-            )
-        if "model" not in entry:
-            raise fail(("models", i), f"key `models.{i}`: every entry of `models:` needs a `model:` key")
-        if base is not None and entry["model"] == base and method != "linear":
-            continue  # mergekit lets the base appear among the models; it is the base here
-        experts.append(
-            {"model": entry["model"], "parameters": params(entry.get("parameters"), ("models", i, "parameters"))}
-        )
-        origin.append(i)
+    top, layout = (), layout_of(raw, ())
+    extra = {}  # module-level parameters: between a slice's and the config's
+    if layout == "modules":
+        modules = raw["modules"]
+        if not isinstance(modules, dict) or list(modules) != ["default"]:
+            raise fail(("modules",), "key `modules`: mergescale merges decoder-only models, whose one module is "
+                       "`default`; write `modules: {default: {slices: …}}` or use `slices:` / `models:` directly")
+        top = ("modules", "default")
+        module = keys_of(modules["default"], top, _MERGEKIT_LAYOUTS + ("parameters",), "a mapping with `slices:` "
+                         "or `models:`")  # fmt: skip
+        layout = layout_of(module, top)
+        extra = params(module.get("parameters"), (*top, "parameters"))
+        inputs = module[layout]
+    else:
+        inputs = raw[layout]
+    if not isinstance(inputs, list):
+        what = "`- model: PATH` entries" if layout == "models" else "slices, each with `sources:`"
+        raise fail((*top, layout), f"key `{'.'.join(map(str, (*top, layout)))}`: write a list of {what}")
+    if method == "passthrough" and layout == "models":
+        listed = [e.get("model") for e in inputs if isinstance(e, dict)]
+        if len(inputs) != 1 or (base is not None and listed != [base]):
+            raise fail((*top, "models"), "merge_method passthrough copies exactly one model (the base_model counts "
+                       "as one): list one model, or stack layer ranges with `slices:`")  # fmt: skip
+    if method in _BASE_IS_AN_INPUT and not (method == "passthrough" and layout == "slices"):
+        base = None  # the listed models are the inputs, the base among them if listed (a stack's base: its config)
+    experts, origin, slices = [], [], []  # origin: the `models:` index of each expert, for errors
+    if layout == "models":
+        for i, entry in enumerate(inputs):
+            loc = (*top, "models", i)
+            keys_of(entry, loc, _MERGEKIT_MODEL_KEYS, "a mapping with `model:` (and `parameters:`)")
+            if "model" not in entry:
+                raise fail(loc, f"key `{'.'.join(map(str, loc))}`: every entry of `models:` needs a `model:` key")
+            if base is not None and entry["model"] == base:
+                continue  # mergekit lets the base appear among the models; it is the base here
+            parameters = params(entry.get("parameters"), (*loc, "parameters"))
+            experts.append({"model": entry["model"], "parameters": parameters})
+            origin.append(i)
+    else:
+        for i, entry in enumerate(inputs):
+            loc = (*top, "slices", i)
+            keys_of(entry, loc, _MERGEKIT_SLICE_KEYS, "a mapping with `sources:`")
+            if "residual_weight" in entry:
+                raise fail((*loc, "residual_weight"), f"key `{'.'.join(map(str, loc))}.residual_weight`: mergekit "
+                           "0.1.5 reads it but never uses it (the output is the same without it); remove it")
+            sources = entry.get("sources")
+            if not isinstance(sources, list) or not sources:
+                raise fail((*loc, "sources"), f"key `{'.'.join(map(str, loc))}.sources`: list the slice's inputs "
+                           "as `- {model: PATH, layer_range: [first, end]}`")  # fmt: skip
+            for j, src in enumerate(sources):
+                keys_of(src, (*loc, "sources", j), _MERGEKIT_SOURCE_KEYS, "`{model: PATH, layer_range: [first, end]}`")
+            slices.append({
+                "sources": [{"model": src.get("model"), "layers": src.get("layer_range"),
+                             "parameters": params(src.get("parameters"), (*loc, "sources", j, "parameters"))}
+                            for j, src in enumerate(sources)],
+                "base": None if method in _BASE_IS_AN_INPUT else entry.get("base_model"),
+                "parameters": params(entry.get("parameters"), (*loc, "parameters")),
+            })  # fmt: skip
     dtype = raw.get("out_dtype") or raw.get("dtype")
     tok = raw.get("tokenizer_source")
     if tok not in (None, "base"):
         raise fail(("tokenizer_source",), f"tokenizer_source {tok!r} is not supported; use `base` or leave it out")
-    if method == "linear":
-        base = None  # mergekit's linear averages exactly the listed models, the base among them if listed
-    names = {"method": "merge_method", "base": "base_model", "dtype": "out_dtype" if raw.get("out_dtype") else "dtype"}
+    names = {**_SPEC_KEYS, "dtype": "out_dtype" if raw.get("out_dtype") else "dtype"}
 
     def user_path(path: tuple) -> tuple:  # MergeSpec's keys back to the mergekit YAML's
         if path[:1] == ("experts",):
-            return ("models", *((origin[path[1]], *path[2:]) if len(path) > 1 and path[1] < len(origin) else ()))
+            return (*top, "models", *((origin[path[1]], *path[2:]) if len(path) > 1 and path[1] < len(origin) else ()))
+        if path[:1] == ("slices",):
+            return (*top, *(names.get(p, p) if isinstance(p, str) else p for p in path))
         return (names.get(path[0], path[0]), *path[1:]) if path else path
 
     return _validate(
         {
             "method": method,
             "base": base,
-            "experts": experts,
-            "parameters": {**MERGEKIT[method], **params(raw.get("parameters"), ("parameters",))},
+            **({"slices": slices} if layout == "slices" else {"experts": experts}),
+            "parameters": {**MERGEKIT[method], **params(raw.get("parameters"), ("parameters",)), **extra},
             "dtype": dtype,
             "semantics": "mergekit",
         },
@@ -240,7 +337,17 @@ def _model_refs(raw: dict) -> list[str]:
     refs = [raw.get("base_model"), raw.get("base")]
     for entry in (raw.get("models") or []) + (raw.get("experts") or []):
         refs.append(entry.get("model") if isinstance(entry, dict) else entry)
+    for piece in _slices(raw):
+        refs += [piece.get("base_model"), piece.get("base")]
+        refs += [src.get("model") for src in piece.get("sources") or [] if isinstance(src, dict)]
     return [r for r in refs if isinstance(r, str)]
+
+
+def _slices(raw: dict) -> list[dict]:
+    """A document's slices (mergescale's or mergekit's, also under mergekit's ``modules: {default: …}``)."""
+    module = (raw.get("modules") or {}).get("default") if isinstance(raw.get("modules"), dict) else None
+    found = (raw.get("slices") or []) + ((module.get("slices") or []) if isinstance(module, dict) else [])
+    return [s for s in found if isinstance(s, dict)] if isinstance(found, list) else []
 
 
 def _substitute(raw: dict, outputs: dict[str, str]) -> dict:
@@ -254,6 +361,14 @@ def _substitute(raw: dict, outputs: dict[str, str]) -> dict:
     for key in ("models", "experts"):
         if isinstance(out.get(key), list):
             out[key] = [{**e, "model": one(e.get("model"))} if isinstance(e, dict) else one(e) for e in out[key]]
+    out = copy.deepcopy(out)  # the slices below are edited in place
+    for piece in _slices(out):
+        for key in ("base_model", "base"):
+            if key in piece:
+                piece[key] = one(piece[key])
+        for src in piece.get("sources") or []:
+            if isinstance(src, dict):
+                src["model"] = one(src.get("model"))
     return out
 
 
@@ -337,10 +452,16 @@ def _relative_to(spec: MergeSpec, root: Path) -> MergeSpec:
     def fix(p: str) -> str:
         return p if Path(p).is_absolute() else str((root / p).resolve())
 
+    slices = [
+        s.model_copy(update={"base": fix(s.base) if s.base else None,
+                             "sources": [x.model_copy(update={"model": fix(x.model)}) for x in s.sources]})
+        for s in spec.slices or ()
+    ]  # fmt: skip
     return spec.model_copy(
         update={
             "base": fix(spec.base) if spec.base else None,
             "experts": [e.model_copy(update={"model": fix(e.model)}) for e in spec.experts],
+            "slices": slices or None,
         }
     )
 

@@ -46,9 +46,13 @@ dtype: bfloat16
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("merge_method: passthrough\nmodels: [{model: a}]\n",
-         "merge_method 'passthrough' is not one mergescale imports"),
-        ("merge_method: ties\nslices: []\n", "`slices:` / `modules:` configs are not supported"),
+        ("merge_method: frankenstein\nmodels: [{model: a}]\n",
+         "merge_method 'frankenstein' is not one mergescale imports"),
+        ("merge_method: ties\nmodels: [{model: a}]\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n",
+         "c.yaml:3: a mergekit config needs exactly one of `models:` (whole models) or `slices:` (layer ranges) or "
+         "`modules:`; it has `models:` and `slices:`"),
+        ("merge_method: ties\nslices: [{sources: [{model: a, layer_range: [0, 1], weight: 1}]}]\n",
+         "key `slices.0.sources.0.weight`: not a mergekit key"),
         ("merge_method: ties\nmodels: [{model: a}]\ntokenizer: {source: union}\n", "`tokenizer:` block"),
         ("merge_method: ties\nmodels: [{model: a}]\nfoo: 1\n", "c.yaml:3: key `foo`: not a mergekit key; known keys:"),
         ("method: ties\nexperts: [a]\nfoo: 1\n", "c.yaml:3: key `foo`: Extra inputs are not permitted"),
@@ -110,3 +114,15 @@ def test_other_errors_name_the_line_and_the_key_without_union_member_names(tmp_p
     path = write(tmp_path, "merge_method: ties\nmodels:\n  - model: a\n    parameters: 3\n")
     with pytest.raises(SpecError, match=rf"^{path}:4: key `models.0.parameters`: write a mapping"):
         load_merge_spec(path)
+
+
+def test_every_method_of_mergekit_is_imported():
+    """mergekit 0.1.5's registry, method by method: each has mergescale's import (and defaults) in MERGEKIT."""
+    from mergekit.merge_methods.registry import registered_methods
+
+    from mergescale.methods import get_method
+    from mergescale.specs import MERGEKIT
+
+    theirs = {m.spec.name if hasattr(m, "spec") else m.name() for m in registered_methods()}
+    assert len(theirs) == 20 and theirs == set(MERGEKIT)
+    assert all(get_method(name).name == name for name in theirs)

@@ -125,6 +125,14 @@ def _as_list(value) -> list[str]:
     return [str(v) for v in (value if isinstance(value, list) else [value])]
 
 
+def _parents(models, slices) -> list[str]:
+    """The models a merge was made of: its whole models, and each slice's sources (a stack's), once each."""
+    parents = [m.get("model") if isinstance(m, dict) else m for m in models or []]
+    for piece in slices or []:
+        parents += [s.get("model") for s in (piece or {}).get("sources") or [] if isinstance(s, dict)]
+    return list(dict.fromkeys(str(p) for p in parents if p))
+
+
 def provenance(model: Path) -> dict:
     """What a model's card says about how it was made: mergescale's card (its ``## Configuration`` JSON),
     mergekit's (``mergekit_config.yml`` beside the weights, the card's front matter), or nothing."""
@@ -140,7 +148,7 @@ def provenance(model: Path) -> dict:
         except json.JSONDecodeError:
             spec = {}
         out.update(card="mergescale", method=spec.get("method"), base_model=spec.get("base"),
-                   parents=[e.get("model") for e in spec.get("experts", []) if isinstance(e, dict)],
+                   parents=_parents(spec.get("experts"), spec.get("slices")),
                    parameters=spec.get("parameters") or {})  # fmt: skip
         return out
     mk = model / "mergekit_config.yml"
@@ -150,12 +158,9 @@ def provenance(model: Path) -> dict:
         except yaml.YAMLError:
             config = {}
         config = config if isinstance(config, dict) else {}
-        parents = [m.get("model") if isinstance(m, dict) else m for m in config.get("models") or []]
-        for piece in config.get("slices") or []:  # passthrough / slices: the sources of each slice
-            parents += [s.get("model") for s in (piece or {}).get("sources") or [] if isinstance(s, dict)]
         base = config.get("base_model") or next(iter(_as_list(meta.get("base_model"))), None)
         out.update(card="mergekit", method=config.get("merge_method"), parameters=config.get("parameters") or {},
-                   parents=list(dict.fromkeys(str(p) for p in parents if p)), base_model=base)  # fmt: skip
+                   parents=_parents(config.get("models"), config.get("slices")), base_model=base)  # fmt: skip
         return out
     out["base_model"] = next(iter(_as_list(meta.get("base_model"))), None)
     return out

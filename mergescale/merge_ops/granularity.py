@@ -46,6 +46,20 @@ class TensorSite:
         return self.layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
 
 
+def layer_of(name: str) -> int | None:
+    """The transformer layer a tensor name belongs to (None outside the layers)."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def with_layer(name: str, layer: int) -> str:
+    """``name`` with its layer index replaced by ``layer`` (a layer tensor's name in a stacked model)."""
+    m = _LAYER.search(name)
+    if m is None:
+        raise ValueError(f"bug: {name} is not a layer tensor")
+    return f"{name[: m.start(1)]}{layer}{name[m.end(1) :]}"
+
+
 def locate(name: str, num_layers: int) -> TensorSite:
     """Layer index and submodule of a decoder tensor name (Llama / Qwen2 / Mistral naming)."""
     m = _LAYER.search(name)

@@ -66,6 +66,8 @@ class Method:
     name: ClassVar[str]
     #: whether the method needs the base model θ0 (task-vector methods do)
     needs_base: ClassVar[bool] = True
+    #: whether a base may be given at all (a method that copies its one expert takes none)
+    accepts_base: ClassVar[bool] = True
     #: parameters that may take a different value per expert
     per_expert: ClassVar[frozenset[str]] = frozenset({"weight"})
     #: parameters that are one value for the whole merge (how the statistics passes or a fit run, e.g.

@@ -30,8 +30,34 @@ def _stats_card(stats: dict | None) -> list[str]:
             "```json", json.dumps(stats, indent=1, sort_keys=True), "```", ""]  # fmt: skip
 
 
-def model_card(plan: MergePlan, shards: list[ShardInfo], fit=None, stats: dict | None = None) -> str:
-    spec = plan.spec
+def _inputs(plan: MergePlan) -> list[str]:
+    """The model card's list of one plan's inputs (a slice's with their layer ranges)."""
+    ranges = plan.slice.ranges if plan.slice else [None] * len(plan.sources)
+
+    def at(i: int) -> str:
+        return f" layers [{ranges[i][0]}, {ranges[i][1]})" if ranges[i] else ""
+
+    out = [f"- base: `{plan.base}`{at(0)}" if plan.base else "- base: none"]
+    first = 1 if plan.base else 0
+    for i, (path, expert) in enumerate(zip(plan.experts, plan.spec.experts, strict=True)):
+        out.append(f"- expert: `{path}`{at(first + i)}" + (f" {json.dumps(expert.parameters)}" if expert.parameters
+                                                           else ""))  # fmt: skip
+    return out
+
+
+def model_card(plans: list[MergePlan], shards: list[ShardInfo], fit=None, stats: dict | None = None) -> str:
+    """The card of a merge (one plan) or of a stack (one plan per slice, ``orchestrator/stack.py``)."""
+    spec = plans[0].spec
+    if plans[0].slice is None:
+        inputs = [*_inputs(plans[0]), f"- parameters: `{json.dumps(spec.parameters, sort_keys=True)}`"]
+    else:
+        inputs = [f"A stack of {len(plans)} slice(s), {sum(p.num_layers for p in plans)} layers:", ""]
+        for i, plan in enumerate(plans):
+            first = plan.slice.offset
+            inputs += [f"### Slice {i}: output layers {first}–{first + plan.num_layers - 1}"
+                       + (" (and the embeddings)" if plan.slice.pre else "")
+                       + (" (and the final norm, lm_head)" if plan.slice.post else ""), "", *_inputs(plan),
+                       f"- parameters: `{json.dumps(plan.spec.parameters, sort_keys=True)}`", ""]  # fmt: skip
     lines = [
         "---",
         "library_name: transformers",
@@ -42,17 +68,14 @@ def model_card(plan: MergePlan, shards: list[ShardInfo], fit=None, stats: dict |
         f"Merged with mergescale {mergescale.__version__} using **{get_method(spec.method).label(spec.parameters)}**"
         + (" (mergekit semantics)" if spec.semantics == "mergekit" else "") + ".",
         "",
-        f"- base: `{plan.base}`" if plan.base else "- base: none",
-        *[f"- expert: `{p}`" + (f" {json.dumps(e.parameters)}" if e.parameters else "")
-          for p, e in zip(plan.experts, spec.experts, strict=True)],
-        f"- parameters: `{json.dumps(spec.parameters, sort_keys=True)}`",
+        *inputs,
         f"- seed: {spec.seed}",
-        f"- output dtype: {str(plan.out_dtype).removeprefix('torch.')}",
+        f"- output dtype: {str(plans[0].out_dtype).removeprefix('torch.')}",
         "",
         "## Configuration",
         "",
         "```json",
-        spec.model_dump_json(indent=2),
+        spec.model_dump_json(indent=2, exclude_none=True),
         "```",
         "",
         *_fit_card(fit),

@@ -79,7 +79,11 @@ def run_shards(
             state = method.reduce(step, per_tensor, state)
     done_bytes = 0
     with console.progress("shards", "{task.fields[rate]}", enabled=progress) as bar:
-        job = bar.add_task(f"merging ({plan.spec.method})", total=len(plan.shards), rate="")
+        where = ""
+        if plan.slice:  # a slice of a stack: which output layers it makes
+            first, last = plan.slice.offset, plan.slice.offset + plan.num_layers - 1
+            where = f", output layers {first}–{last}" if last > first else f", output layer {first}"
+        job = bar.add_task(f"merging ({plan.spec.method}{where})", total=len(plan.shards), rate="")
 
         def on_done(i: int) -> None:
             nonlocal done_bytes
@@ -116,29 +120,40 @@ def run_merge(
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelError(f"{out} exists and is not empty; choose another --out or delete it")
-    plan = plan_merge(spec, allow_pickle)
-    plan.block_elements = block_elements
+    if spec.slices:
+        from mergescale.orchestrator import stack
+
+        plans = stack.plan_stack(spec, allow_pickle)
+        config, template = stack.stacked_config(spec, plans), stack.template(spec)
+        tokenizer_from = template
+    else:
+        plans = [plan_merge(spec, allow_pickle)]
+        config, template = plans[0].config, plans[0].sources[0]
+        tokenizer_from = template if spec.tokenizer == "base" else plans[0].experts[int(spec.tokenizer)]
+    for plan in plans:
+        plan.block_elements = block_elements
     staging = staging_dir(out)
     work = staging.with_name(staging.name + ".fit")
-    fit = None
+    fit = state = None
     started = time.perf_counter()
     try:
         if get_method(spec.method).data_driven:
             from mergescale.orchestrator import fit as fitting
 
-            fit = fitting.run_fit(plan, work, references=references, include_paths=include_paths, hashes=hashes,
+            fit = fitting.run_fit(plans[0], work, references=references, include_paths=include_paths, hashes=hashes,
                                   address=address, device=device)  # fmt: skip
         runner = _runner(local, address, device, workers)
         merge_started = time.perf_counter()
-        results, state = run_shards(plan, staging, runner, progress=progress, state=fit.state() if fit else None)
-        stats = get_method(spec.method).describe(state)  # e.g. AWD's fit; None for most methods
+        results = []
+        for plan in plans:  # a stack's slices one after the other, each its own statistics passes
+            done, state = run_shards(plan, staging, runner, progress=progress, state=fit.state() if fit else None)
+            results += done
+        stats = get_method(spec.method).describe(state) if len(plans) == 1 else None  # e.g. AWD's fit
         seconds = time.perf_counter() - merge_started
         shards = [r.info for r in results]
-        tokenizer_from = plan.sources[0] if spec.tokenizer == "base" else plan.experts[int(spec.tokenizer)]
         if fit is not None:
             (staging / "fit.json").write_text(json.dumps(fit.record(), indent=1, sort_keys=True) + "\n")
-        card = model_card(plan, shards, fit, stats)
-        publish(staging, out, shards, plan.config, tokenizer_from, card, plan.sources[0])
+        publish(staging, out, shards, config, tokenizer_from, model_card(plans, shards, fit, stats), template)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -146,7 +161,8 @@ def run_merge(
         shutil.rmtree(work, ignore_errors=True)
     log.debug("merge of %s published in %.2f s (shards %.2f s)", out, time.perf_counter() - started, seconds)
     return MergeReport(
-        path=out, seconds=seconds, input_bytes=sum(s.input_bytes for s in plan.shards), shards=len(plan.shards),
+        path=out, seconds=seconds, input_bytes=sum(s.input_bytes for p in plans for s in p.shards),
+        shards=len(results),
         workers=runner.workers, max_task_rss_growth=max(r.rss_growth for r in results),
         nodes=len({r.node for r in results}), runner=runner.name, fit=fit,
     )  # fmt: skip

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from mergescale.checkpoints import ModelDir
+from mergescale.checkpoints import ModelDir, shard_file
 from mergescale.errors import ModelError, SpecError
 from mergescale.merge_ops import MethodParams
 from mergescale.merge_ops.granularity import TensorSite, locate, resolve
 from mergescale.methods import get_method
+from mergescale.orchestrator.layers import LayerView, SliceOf, open_models
 from mergescale.specs import MergeSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,21 +51,30 @@ class MergePlan:
     allow_pickle: bool = False
     vocab_rows: dict[str, int] = field(default_factory=dict)  # tensors whose row count differs between inputs
     block_elements: int = BLOCK_ELEMENTS  # row-wise methods stream tensors in blocks of about this many elements
+    slice: SliceOf | None = None  # a slice of a stacked merge: its sources' layer ranges, its place in the output
+    files: tuple[int, int] | None = None  # (index of this plan's first shard file, files in the output): a stack
 
     @property
     def sources(self) -> list[Path]:
         return ([self.base] if self.base else []) + self.experts
+
+    def open(self) -> list[ModelDir | LayerView]:
+        """The sources, opened (through their layer ranges in a slice)."""
+        return open_models(self.sources, self.allow_pickle, self.slice.ranges if self.slice else None)
+
+    def out_name(self, name: str) -> str:
+        """A merged tensor's name in the output (renumbered in a slice)."""
+        return self.slice.out_name(name) if self.slice else name
+
+    def shard_file(self, index: int) -> str:
+        first, total = self.files or (0, len(self.shards))
+        return shard_file(first + index, total)
 
     def schedule(self) -> list[int]:
         """Shard indices in the order to start them: largest input first (ties in shard order), so that no
         big shard (the embeddings, the head) starts last while the other workers have run dry.  Only the
         start order: every shard is written by itself, so the bytes never depend on it."""
         return sorted(range(len(self.shards)), key=lambda i: -self.shards[i].input_bytes)
-
-
-def open_models(paths, allow_pickle: bool) -> list[ModelDir]:
-    """The model directories at ``paths`` (headers are read when first needed)."""
-    return [ModelDir(p, allow_pickle=allow_pickle) for p in paths]
 
 
 def params_for(spec: MergeSpec, site: TensorSite) -> list[MethodParams]:
@@ -120,11 +130,14 @@ def _field(method, key: str) -> bool:
     return any(key in (n, f.alias) for n, f in method.Params.model_fields.items())
 
 
-def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
-    """Validate the spec against the models' files and group tensors into shards. Reads headers only."""
+def plan_merge(spec: MergeSpec, allow_pickle: bool = False, slice_of: SliceOf | None = None) -> MergePlan:
+    """Validate the spec against the models' files and group tensors into shards. Reads headers only.
+    ``slice_of``: the plan of one slice of a stacked merge (``orchestrator/stack.py``)."""
     method = get_method(spec.method)
     if method.needs_base and not spec.base:
         raise SpecError(f"method {spec.method} needs a base model: add `base:` (mergekit: `base_model:`)")
+    if spec.base and not method.accepts_base:
+        raise SpecError(f"method {spec.method} takes no base model: drop `base:` (mergekit: `base_model:`)")
     if method.n_experts is not None and len(spec.experts) != method.n_experts:
         raise SpecError(
             f"method {spec.method} merges exactly {method.n_experts} expert(s) besides the base; "
@@ -151,7 +164,7 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
     for p in paths:
         if not p.exists():
             raise ModelError(f"{p}: no such model directory; check the path in the merge config")
-    models = open_models(paths, allow_pickle)
+    models = open_models(paths, allow_pickle, slice_of.ranges if slice_of else None)
     ref = models[0]
     for m in models[1:]:
         for key in _ARCH_KEYS:
@@ -174,9 +187,9 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
         for name in names:
             if m.dtype(name) not in _MERGEABLE and m.dtype(name).is_floating_point:
                 raise ModelError(
-                    f"{m.file_of(name)}: tensor {name} is stored as {str(m.dtype(name)).removeprefix('torch.')}, a "
-                    "quantized format whose values need their scales to mean anything; dequantize the model to "
-                    "bf16, fp16 or fp32 first"
+                    f"{m.file_of(name)}: tensor {m.source_name(name)} is stored as "
+                    f"{str(m.dtype(name)).removeprefix('torch.')}, a quantized format whose values need their scales "
+                    "to mean anything; dequantize the model to bf16, fp16 or fp32 first"
                 )
     for name in names:
         shapes = [m.shape(name) for m in models]
@@ -187,7 +200,7 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
                 continue
             bad = next(m for m, s in zip(models, shapes, strict=True) if s != shapes[0])
             raise ModelError(
-                f"{bad.path}: tensor {name} has shape {list(bad.shape(name))} but {ref.path} has "
+                f"{bad.path}: tensor {bad.source_name(name)} has shape {list(bad.shape(name))} but {ref.path} has "
                 f"{list(shapes[0])}; the models are not fine-tunes of one base"
             )
     # resolve every parameter for every tensor now: a bad value fails before any work
@@ -207,16 +220,19 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False) -> MergePlan:
         spec=spec,
         base=paths[0] if spec.base else None,
         experts=paths[1:] if spec.base else paths,
-        shards=_shards(names, num_layers, models),
+        shards=_shards(names, num_layers, models, slice_of),
         num_layers=num_layers,
         config=config,
         out_dtype=out_dtype,
         allow_pickle=allow_pickle,
         vocab_rows=vocab_rows,
+        slice=slice_of,
     )
 
 
-def _shards(names: list[str], num_layers: int, models: list[ModelDir]) -> list[Shard]:
+def _shards(names: list[str], num_layers: int, models: list, slice_of: SliceOf | None = None) -> list[Shard]:
+    """One shard per layer, the embeddings and the head apart; in a slice, only its layers (labelled by their
+    output index) and the embeddings (first slice) or head (last slice)."""
     groups: dict[str, list[str]] = {}
     for name in names:
         site = locate(name, num_layers)
@@ -228,11 +244,21 @@ def _shards(names: list[str], num_layers: int, models: list[ModelDir]) -> list[S
         groups.setdefault(label, []).append(name)
     order = ["embedding"] + [f"layer {i}" for i in range(num_layers)] + ["head"]
     known = [label for label in order if label in groups] + sorted(set(groups) - set(order))
+    if slice_of is not None:
+
+        def kept(label: str) -> bool:  # the head: the final norm, lm_head and any other tensor outside the layers
+            return label.startswith("layer ") or (slice_of.pre if label == "embedding" else slice_of.post)
+
+        known = [label for label in known if kept(label)]
 
     def nbytes(name: str) -> int:
         return sum(math.prod(m.shape(name)) * m.dtype(name).itemsize for m in models)
 
-    return [Shard(label, tuple(sorted(groups[label])), sum(nbytes(n) for n in groups[label])) for label in known]
+    def label_of(label: str) -> str:
+        return f"layer {slice_of.offset + int(label[6:])}" if slice_of and label.startswith("layer ") else label
+
+    return [Shard(label_of(label), tuple(sorted(groups[label])), sum(nbytes(n) for n in groups[label]))
+            for label in known]  # fmt: skip
 
 
 def whole_merge_params(plan: MergePlan) -> list[MethodParams]:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from mergescale.checkpoints import ModelDir, ShardInfo, shard_file, write_shard
+from mergescale.checkpoints import ModelDir, ShardInfo, write_shard
 from mergescale.errors import MergescaleError, ModelError
 from mergescale.merge_ops import TensorContext
 from mergescale.merge_ops.granularity import locate
 from mergescale.methods import get_method
-from mergescale.orchestrator.plan import MergePlan, Shard, open_models, params_for
+from mergescale.orchestrator.plan import MergePlan, Shard, params_for
 
 #: intra-op threads of a shard, on either runner.  Fixed, because torch's reductions (norms, dot
 #: products, SVD) split their work by thread count and round differently: one thread per shard keeps
@@ -94,9 +94,8 @@ def _read(
         else:
             t = t.to(device)
         if check and not _finite(t):
-            raise ModelError(
-                f"{model.file_of(name)}: tensor {name} holds NaN or Inf; fix or drop this model before merging"
-            )
+            raise ModelError(f"{model.file_of(name)}: tensor {model.source_name(name)} holds NaN or Inf; fix or drop "
+                             "this model before merging")  # fmt: skip
     return t
 
 
@@ -228,7 +227,7 @@ def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str, state=None,
 
 def shard_stats(plan: MergePlan, index: int, step: int, state, device: str = "cpu") -> dict[str, object]:
     """Statistics pass ``step`` over one shard's tensors (non-float tensors left out)."""
-    models = open_models(plan.sources, plan.allow_pickle)
+    models = plan.open()
     stats = {}
     for name in plan.shards[index].names:
         with _naming(plan.shards[index], name):
@@ -240,13 +239,13 @@ def shard_stats(plan: MergePlan, index: int, step: int, state, device: str = "cp
 
 def merge_shard(plan: MergePlan, index: int, staging: Path, state=None, device: str = "cpu") -> ShardInfo:
     """Merge one shard's tensors and write them as one safetensors file in ``staging``."""
-    models = open_models(plan.sources, plan.allow_pickle)
+    models = plan.open()
     shard = plan.shards[index]
     out = {}
     for name in shard.names:
         with _naming(shard, name):
-            out[name] = merge_tensor(plan, models, name, state, device)
-    return write_shard(staging, shard_file(index, len(plan.shards)), out)
+            out[plan.out_name(name)] = merge_tensor(plan, models, name, state, device)
+    return write_shard(staging, plan.shard_file(index), out)
 
 
 class ShardFailure(RuntimeError):
