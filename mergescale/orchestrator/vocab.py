@@ -160,8 +160,8 @@ def build_vocabulary(
     known = set(out)
     added: list[dict] = []
     if source == "union":
-        plain: list[str] = []
-        special: dict[str, dict] = {}
+        plain: dict[str, None] = {}  # model-vocabulary tokens, in first-met order
+        added_as: dict[str, dict] = {}  # added tokens, with the settings of the first model that adds them
         for m in order:
             tok = loaded[m]
             for t in sorted(tok.vocab, key=tok.vocab.__getitem__):
@@ -169,11 +169,11 @@ def build_vocabulary(
                 if i >= tok.rows:
                     continue
                 if i in tok.added:
-                    special.setdefault(t, tok.added[i])
-                elif t not in plain:
-                    plain.append(t)
-        extra = [(t, _PLAIN) for t in plain if t not in special and t not in known]
-        extra += [(t, e) for t, e in special.items() if t not in known]
+                    added_as.setdefault(t, tok.added[i])
+                else:
+                    plain.setdefault(t)
+        extra = [(t, _PLAIN) for t in plain if t not in added_as and t not in known]
+        extra += [(t, e) for t, e in added_as.items() if t not in known]
         for t, e in extra:
             added.append({"content": t, **{k: bool(e.get(k, _PLAIN[k])) for k in _FLAGS}})
             out.append(t)
@@ -340,8 +340,7 @@ def write_tokenizer(
     tok.rows = vocab.template_count
     tok = _strip(tok)
     tokenizer = Tokenizer.from_str(json.dumps(tok.data))
-    for e in vocab.added:
-        tokenizer.add_tokens([AddedToken(e["content"], **{k: e[k] for k in _FLAGS})])
+    tokenizer.add_tokens([AddedToken(e["content"], **{k: e[k] for k in _FLAGS}) for e in vocab.added])  # one call
     wrong = [(t, j) for j, t in enumerate(vocab.tokens) if tokenizer.token_to_id(t) != j]
     if wrong:
         raise ModelError(
