@@ -365,6 +365,13 @@ def shard_file(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
+def copy_tokenizer(source: Path, directory: Path) -> None:
+    """A model directory's tokenizer files, copied as they are."""
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(directory) / name)
+
+
 def publish(
     staging: Path,
     out: Path,
@@ -386,9 +393,7 @@ def publish(
     if extra_files_from is not None and (Path(extra_files_from) / "generation_config.json").is_file():
         shutil.copy2(Path(extra_files_from) / "generation_config.json", staging / "generation_config.json")
     if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_from) / name).is_file():
-                shutil.copy2(Path(tokenizer_from) / name, staging / name)
+        copy_tokenizer(tokenizer_from, staging)
     (staging / "README.md").write_text(card)
     if out.exists():
         if any(out.iterdir()):

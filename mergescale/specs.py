@@ -14,7 +14,8 @@ mergescale's own merge spec::
       lambda: {attention: 0.8, default: 1.0}
     seed: 0                          # seeds DARE / DELLA masks, per tensor name
     dtype: bfloat16                  # output dtype (default: the base's); compute is always fp32
-    tokenizer: base                  # whose tokenizer files are copied: base, or an expert's index
+    tokenizer: base                  # whose tokenizer files are copied: base, or an expert's index; or a
+                                     # merged vocabulary: {source: base | union | PATH, tokens: …} (mergekit's)
 
 A mergekit YAML (recognised by its ``merge_method`` key) is accepted unchanged for every
 method both tools implement; it is translated to the spec above with ``semantics:
@@ -73,6 +74,19 @@ class SliceSpec(BaseModel):
     parameters: dict[str, Setting] = Field(default_factory=dict)
 
 
+class TokenizerSpec(BaseModel):
+    """A merged vocabulary (mergekit's ``tokenizer_source`` / ``tokenizer:`` block; ``orchestrator/vocab.py``):
+    the output's tokens (the base's, the union of every input's, or a model's), each input's embedding and
+    lm_head rows permuted into them with mergekit's fills, ``tokens`` configuring single tokens' rows."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"  # base | union | a model directory
+    #: {token: {source: PATH | {kind: zero} | {kind: model_token, model: PATH, token | token_id}, force: bool}}
+    tokens: dict[str, Any] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+    base: str | None = None  # the vocabulary's base (its tokenizer, its preferred fills); default: the merge's base
+
+
 class MergeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str
@@ -82,7 +96,8 @@ class MergeSpec(BaseModel):
     parameters: dict[str, Setting] = Field(default_factory=dict)
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    tokenizer: Literal["base"] | int = "base"
+    tokenizer: Literal["base"] | int | TokenizerSpec = "base"
+    chat_template: str | None = None  # auto (the inputs' most common), a mergekit template name, or a Jinja template
     semantics: Literal["mergescale", "mergekit"] = "mergescale"
 
     @field_validator("experts", mode="before")
@@ -132,9 +147,9 @@ _MERGEKIT_IGNORED = {"int8_mask"}  # a memory option of mergekit with no effect 
 
 _MERGEKIT_KEYS = (
     "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "name",
+    "tokenizer_source", "tokenizer", "chat_template", "name",
 )  # fmt: skip
-_MERGEKIT_UNSUPPORTED = ("tokenizer",)  # mergekit keys with no mergescale equivalent
+_MERGEKIT_TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 _MERGEKIT_MODEL_KEYS = ("model", "parameters")
 _MERGEKIT_SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 _MERGEKIT_SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -173,17 +188,12 @@ def from_mergekit(raw: dict, source: str, text: str = "") -> MergeSpec:
             raise fail((*loc, bad[0]), f"key `{where}`: not a mergekit key{known_hint(known, bad[0])}")
         return d
 
-    keys_of(raw, (), _MERGEKIT_KEYS + _MERGEKIT_UNSUPPORTED, "a mapping")
+    keys_of(raw, (), _MERGEKIT_KEYS, "a mapping")
     method = raw.get("merge_method")
     if method not in MERGEKIT:
         raise fail(
             ("merge_method",),
             f"merge_method {method!r} is not one mergescale imports from mergekit; supported: {', '.join(MERGEKIT)}",
-        )
-    if "tokenizer" in raw:
-        raise fail(
-            ("tokenizer",),
-            "mergekit's `tokenizer:` block (vocabulary merging) is not supported; drop it to keep the base's tokenizer",
         )
 
     def params(d: Any, loc: tuple) -> dict:
@@ -265,9 +275,16 @@ def from_mergekit(raw: dict, source: str, text: str = "") -> MergeSpec:
                 "parameters": params(entry.get("parameters"), (*loc, "parameters")),
             })  # fmt: skip
     dtype = raw.get("out_dtype") or raw.get("dtype")
-    tok = raw.get("tokenizer_source")
-    if tok not in (None, "base"):
-        raise fail(("tokenizer_source",), f"tokenizer_source {tok!r} is not supported; use `base` or leave it out")
+    tokenizer: Any = "base"  # without either key mergekit copies the base's tokenizer files as they are
+    if "tokenizer_source" in raw and "tokenizer" in raw:
+        raise fail(("tokenizer",), "give `tokenizer_source:` or a `tokenizer:` block, not both (mergekit's rule)")
+    if raw.get("tokenizer_source") is not None:
+        tokenizer = {"source": raw["tokenizer_source"]}
+    elif raw.get("tokenizer") is not None:
+        tokenizer = dict(keys_of(raw["tokenizer"], ("tokenizer",), _MERGEKIT_TOKENIZER_KEYS,
+                                 "a mapping with `source:`, `tokens:`, `pad_to_multiple_of:`"))  # fmt: skip
+    if tokenizer != "base" and method == "linear" and raw.get("base_model"):
+        tokenizer["base"] = raw["base_model"]  # linear averages the base in, but it stays the vocabulary's base
     names = {**_SPEC_KEYS, "dtype": "out_dtype" if raw.get("out_dtype") else "dtype"}
 
     def user_path(path: tuple) -> tuple:  # MergeSpec's keys back to the mergekit YAML's
@@ -284,6 +301,8 @@ def from_mergekit(raw: dict, source: str, text: str = "") -> MergeSpec:
             **({"slices": slices} if layout == "slices" else {"experts": experts}),
             "parameters": {**MERGEKIT[method], **params(raw.get("parameters"), ("parameters",)), **extra},
             "dtype": dtype,
+            "tokenizer": tokenizer,
+            "chat_template": raw.get("chat_template"),
             "semantics": "mergekit",
         },
         source,
@@ -457,11 +476,25 @@ def _relative_to(spec: MergeSpec, root: Path) -> MergeSpec:
                              "sources": [x.model_copy(update={"model": fix(x.model)}) for x in s.sources]})
         for s in spec.slices or ()
     ]  # fmt: skip
+    tokenizer = spec.tokenizer
+    if isinstance(tokenizer, TokenizerSpec):  # its model paths too: the source, and the tokens' sources
+
+        def fix_source(src):
+            if isinstance(src, str):
+                return fix(src)
+            return {**src, "model": fix(src["model"])} if isinstance(src, dict) and "model" in src else src
+
+        tokens = {t: {**c, "source": fix_source(c["source"])} if isinstance(c, dict) and "source" in c
+                  else fix_source(c) for t, c in tokenizer.tokens.items()}  # fmt: skip
+        source = tokenizer.source if tokenizer.source in ("base", "union") else fix(tokenizer.source)
+        base = fix(tokenizer.base) if tokenizer.base else None
+        tokenizer = tokenizer.model_copy(update={"source": source, "tokens": tokens, "base": base})
     return spec.model_copy(
         update={
             "base": fix(spec.base) if spec.base else None,
             "experts": [e.model_copy(update={"model": fix(e.model)}) for e in spec.experts],
             "slices": slices or None,
+            "tokenizer": tokenizer,
         }
     )
 

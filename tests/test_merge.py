@@ -485,8 +485,16 @@ def test_examples_run_as_documented(tiny_zoo, ray_session, tmp_path, monkeypatch
     shutil.copytree(repo / "examples", tmp_path / "examples")
     (tmp_path / "zoo").symlink_to(tiny_zoo.root)
     monkeypatch.chdir(tmp_path)
-    for example, label in (("merge_ties", "ties global"), ("mergekit_slerp", "slerp")):
+    examples = (("merge_ties", "ties global"), ("mergekit_slerp", "slerp"), ("mergekit_stack", "passthrough"))
+    for example, label in examples:
         spec = load_merge_spec(Path("examples") / f"{example}.yaml")
         out = run_merge(spec, Path("merged") / example, progress=False).path
-        assert sorted(ModelDir(out).names) == sorted(ModelDir(tiny_zoo.base).names), example
         assert f"using **{label}**" in (out / "README.md").read_text(), example  # the card says what ran
+        if example == "mergekit_stack":  # 6 layers: the base's tensors with layers 4 and 5 added
+            assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
+            names = ModelDir(out).names
+            assert {n.replace("layers.4.", "layers.0.").replace("layers.5.", "layers.1.") for n in names} == set(
+                ModelDir(tiny_zoo.base).names
+            )
+            continue
+        assert sorted(ModelDir(out).names) == sorted(ModelDir(tiny_zoo.base).names), example

@@ -53,7 +53,10 @@ dtype: bfloat16
          "`modules:`; it has `models:` and `slices:`"),
         ("merge_method: ties\nslices: [{sources: [{model: a, layer_range: [0, 1], weight: 1}]}]\n",
          "key `slices.0.sources.0.weight`: not a mergekit key"),
-        ("merge_method: ties\nmodels: [{model: a}]\ntokenizer: {source: union}\n", "`tokenizer:` block"),
+        ("merge_method: ties\nmodels: [{model: a}]\ntokenizer: {source: union}\ntokenizer_source: base\n",
+         "c.yaml:3: give `tokenizer_source:` or a `tokenizer:` block, not both"),
+        ("merge_method: ties\nmodels: [{model: a}]\ntokenizer: {source: union, pad: 8}\n",
+         "key `tokenizer.pad`: not a mergekit key"),
         ("merge_method: ties\nmodels: [{model: a}]\nfoo: 1\n", "c.yaml:3: key `foo`: not a mergekit key; known keys:"),
         ("method: ties\nexperts: [a]\nfoo: 1\n", "c.yaml:3: key `foo`: Extra inputs are not permitted"),
         ("method: ties\nexperts: []\n", "key `experts`"),
@@ -126,3 +129,21 @@ def test_every_method_of_mergekit_is_imported():
     theirs = {m.spec.name if hasattr(m, "spec") else m.name() for m in registered_methods()}
     assert len(theirs) == 20 and theirs == set(MERGEKIT)
     assert all(get_method(name).name == name for name in theirs)
+
+
+def test_mergekit_tokenizer_keys_become_a_merged_vocabulary(tmp_path):
+    """tokenizer_source and the tokenizer: block are one TokenizerSpec; under linear the listed base stays the
+    vocabulary's base; no key at all keeps the plain copy of the base's tokenizer."""
+    from mergescale.specs import TokenizerSpec
+
+    def spec(text: str):
+        (tmp_path / "c.yaml").write_text(text)
+        return load_merge_spec(tmp_path / "c.yaml")
+
+    models = "models: [{model: b}, {model: a}]\n"
+    assert spec("merge_method: ties\nbase_model: b\n" + models).tokenizer == "base"
+    union = spec("merge_method: ties\nbase_model: b\ntokenizer_source: union\nchat_template: chatml\n" + models)
+    assert union.tokenizer == TokenizerSpec(source="union") and union.chat_template == "chatml"
+    block = spec("merge_method: linear\nbase_model: b\ntokenizer: {tokens: {x: {source: {kind: zero}}}}\n" + models)
+    assert block.base is None and block.tokenizer.base == "b" and block.tokenizer.source == "union"
+    assert block.tokenizer.tokens == {"x": {"source": {"kind": "zero"}}}

@@ -142,3 +142,31 @@ def test_the_cli_runs_a_multi_stage_config(family, tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(out)
     assert "stage ab: merged in" in res.stderr and "stage final (unnamed): merged in" in res.stderr
+
+
+def test_a_stack_takes_an_earlier_stages_output_as_a_slice_source(family, tmp_path):
+    """A frankenmerge of a merged stage: the stage's name in a slice's sources is its output directory."""
+    base, (a, b, c) = family
+    stage = f"name: ab\nmerge_method: linear\nmodels:\n  - model: {a}\n  - model: {b}\ndtype: float32\n"
+    final = ("merge_method: passthrough\ndtype: float32\nslices:\n"
+             "  - sources: [{model: ab, layer_range: [0, 2]}]\n"
+             f"  - sources: [{{model: {c}, layer_range: [1, 2]}}]\n")  # fmt: skip
+    path = tmp_path / "multi.yaml"
+    path.write_text(stage + "---\n" + final)
+    stages = load_merge_stages(path)
+    assert [s.name for s in stages] == ["ab", None] and stages[1].uses == ("ab",)
+    run_stages(stages, tmp_path / "out", progress=False)
+    ab = run_merge(MergeSpec.model_validate({"method": "linear", "experts": [str(a), str(b)],
+                                             "semantics": "mergekit", "parameters": {"normalize": True}}),
+                   tmp_path / "ab", progress=False)  # fmt: skip
+    out, ab, c = tensors(tmp_path / "out"), tensors(ab.path), tensors(c)
+    assert {int(n.split(".")[2]) for n in out if ".layers." in n} == {0, 1, 2}
+    for name, t in out.items():
+        if ".layers.2." in name:
+            assert torch.equal(t, c[name.replace(".layers.2.", ".layers.1.")]), name
+        elif "embed" in name:
+            assert torch.equal(t, ab[name]), name
+        elif ".layers." not in name:  # the final norm and lm_head: the last slice's source
+            assert torch.equal(t, c[name]), name
+        else:
+            assert torch.equal(t, ab[name]), name

@@ -4,11 +4,13 @@ gives mergekit's embed_tokens and lm_head, ``write_tokenizer`` writes a tokenize
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from test_merge import mergekit_merge
 from tokenizers import Tokenizer
@@ -276,3 +278,77 @@ def test_tokens_beyond_vocab_size(tmp_path):
     config["models"].append({"model": str(b), "parameters": {"weight": 1.0}})
     with pytest.raises(KeyError):
         mergekit_merge({**config, "dtype": "float32"}, tmp_path / "mk2")
+
+
+# ------------------------------------------------------------------ a whole merge on the zoo
+
+
+def with_added_tokens(src: Path, dst: Path, tokens: list[str], seed: int) -> Path:
+    """A copy of a zoo model whose tokenizer adds ``tokens``, with a new embed_tokens / lm_head row for each."""
+    shutil.copytree(src, dst)
+    tok = build_tokenizer()
+    tok.add_tokens(tokens)
+    tok.save_pretrained(dst)
+    tensors = load_file(dst / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    for name in VOCAB_TENSORS:
+        t = tensors[name]
+        tensors[name] = torch.cat([t, 0.02 * torch.randn((len(tokens), *t.shape[1:]), generator=gen)])
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "vocab_size": len(tok)}))
+    return dst
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_zoo_experts_with_added_tokens_merge_as_mergekit_token_by_token(method, tiny_zoo, tmp_path):
+    """Two zoo experts whose tokenizers add different tokens, merged by `mergescale merge` from an unmodified
+    mergekit YAML with `tokenizer_source: union` and a chat template: mergekit's tensors token by token (its
+    ids of the experts' added tokens follow a set's hash order, which changes from process to process; ours
+    are base first, then the experts in the order listed), a tokenizer that encodes the added tokens, a model
+    transformers runs, and the original tokens' rows those of a merge without the new tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from mergescale.checkpoints import ModelDir
+    from mergescale.orchestrator.merge import run_merge
+    from mergescale.specs import load_merge_spec
+
+    a = with_added_tokens(tiny_zoo.experts["upper"], tmp_path / "a", ["<think>", "<tool>"], 1)
+    b = with_added_tokens(tiny_zoo.experts["rot13"], tmp_path / "b", ["<tool>", "<sql>"], 2)
+    config = {
+        "merge_method": method, "base_model": str(tiny_zoo.base), "tokenizer_source": "union",
+        "chat_template": TEMPLATE, "dtype": "float32",
+        "models": [{"model": str(a), "parameters": {"weight": 1.0}}, {"model": str(b), "parameters": {"weight": 0.7}}],
+    }  # fmt: skip
+    if method == "linear":  # the base averaged in; it lacks <tool>, which both experts have: its row is their mean
+        config["models"].insert(0, {"model": str(tiny_zoo.base), "parameters": {"weight": 0.5}})
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    mergekit_merge(config, tmp_path / "mergekit")
+    run_merge(load_merge_spec(tmp_path / "merge.yaml"), tmp_path / "ours", progress=False)
+    ours_ids = Tokenizer.from_file(str(tmp_path / "ours" / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    their_ids = Tokenizer.from_file(str(tmp_path / "mergekit" / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    assert set(ours_ids) == set(their_ids) and len(ours_ids) == 70
+    assert [t for t, _ in sorted(ours_ids.items(), key=lambda x: x[1])][67:] == ["<think>", "<tool>", "<sql>"]
+    assert all(ours_ids[t] == their_ids[t] for t in ours_ids if ours_ids[t] < 67)
+    order = [their_ids[t] for t in sorted(ours_ids, key=ours_ids.get)]  # mergekit's rows in our token order
+    ours, theirs = ModelDir(tmp_path / "ours"), load_file(tmp_path / "mergekit" / "model.safetensors")
+    assert sorted(ours.names) == sorted(theirs)
+    for name in ours.names:
+        y = theirs[name][order] if name in VOCAB_TENSORS else theirs[name]
+        assert rel_diff(ours.tensor(name), y) <= 1e-4, name
+    for out in ("ours", "mergekit"):
+        assert json.loads((tmp_path / out / "config.json").read_text())["vocab_size"] == 70
+    assert (tmp_path / "ours" / "chat_template.jinja").read_text() == TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ours")
+    ids = tok("ab<think>c<sql>")["input_ids"]
+    assert ours_ids["<think>"] in ids and ours_ids["<sql>"] in ids and len(ids) == 5
+    logits = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")(torch.tensor([ids])).logits
+    assert logits.shape == (1, 5, 70) and bool(torch.isfinite(logits).all())
+
+    plain = {**config, "tokenizer_source": None, "chat_template": None}
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump({k: v for k, v in plain.items() if v is not None}))
+    run_merge(load_merge_spec(tmp_path / "plain.yaml"), tmp_path / "plain", progress=False)
+    for name in VOCAB_TENSORS:  # every input has the 67 original tokens: their rows are the plain merge's
+        assert torch.equal(ours.tensor(name)[:67], ModelDir(tmp_path / "plain").tensor(name)[:67])

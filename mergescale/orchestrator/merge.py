@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergescale import console
-from mergescale.checkpoints import publish, staging_dir
+from mergescale.checkpoints import copy_tokenizer, publish, staging_dir
 from mergescale.errors import ModelError
 from mergescale.methods import get_method
 from mergescale.orchestrator.card import model_card
 from mergescale.orchestrator.plan import BLOCK_ELEMENTS, MergePlan, plan_merge, whole_merge_params
 from mergescale.orchestrator.shard import ShardResult, pinned_threads
+from mergescale.orchestrator.vocab import set_chat_template, write_tokenizer
 from mergescale.specs import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,19 @@ def run_shards(
         return runner.merge(plan, staging, state, on_done), state
 
 
+def _write_tokenizer(plan: MergePlan, tokenizer_from: Path, staging: Path) -> Path | None:
+    """The output's tokenizer files where they are not a copy: a merged vocabulary's, or a model's with another
+    chat template.  Returns the model whose files are still to be copied (None when written here)."""
+    if plan.vocab is not None:
+        write_tokenizer(plan.vocab, staging, chat_template=plan.chat_template)
+        return None
+    if plan.chat_template is not None:
+        copy_tokenizer(tokenizer_from, staging)
+        set_chat_template(staging, plan.chat_template)
+        return None
+    return tokenizer_from
+
+
 def run_merge(
     spec: MergeSpec,
     out: Path,
@@ -129,7 +143,7 @@ def run_merge(
     else:
         plans = [plan_merge(spec, allow_pickle)]
         config, template = plans[0].config, plans[0].sources[0]
-        tokenizer_from = template if spec.tokenizer == "base" else plans[0].experts[int(spec.tokenizer)]
+        tokenizer_from = plans[0].experts[spec.tokenizer] if isinstance(spec.tokenizer, int) else template
     for plan in plans:
         plan.block_elements = block_elements
     staging = staging_dir(out)
@@ -153,6 +167,7 @@ def run_merge(
         shards = [r.info for r in results]
         if fit is not None:
             (staging / "fit.json").write_text(json.dumps(fit.record(), indent=1, sort_keys=True) + "\n")
+        tokenizer_from = _write_tokenizer(plans[0], tokenizer_from, staging)
         publish(staging, out, shards, config, tokenizer_from, model_card(plans, shards, fit, stats), template)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -22,7 +22,8 @@ from mergescale.merge_ops import MethodParams
 from mergescale.merge_ops.granularity import TensorSite, locate, resolve
 from mergescale.methods import get_method
 from mergescale.orchestrator.layers import LayerView, SliceOf, open_models
-from mergescale.specs import MergeSpec
+from mergescale.orchestrator.vocab import Vocabulary, build_vocabulary, resolve_chat_template
+from mergescale.specs import MergeSpec, TokenizerSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BLOCK_ELEMENTS = 1 << 22  # 16 MB of fp32 per input and block
@@ -53,6 +54,8 @@ class MergePlan:
     block_elements: int = BLOCK_ELEMENTS  # row-wise methods stream tensors in blocks of about this many elements
     slice: SliceOf | None = None  # a slice of a stacked merge: its sources' layer ranges, its place in the output
     files: tuple[int, int] | None = None  # (index of this plan's first shard file, files in the output): a stack
+    vocab: Vocabulary | None = None  # a merged vocabulary (``tokenizer: {source: …}``): the inputs' rows permuted
+    chat_template: str | None = None  # the output tokenizer's chat template, resolved (``chat_template:``)
 
     @property
     def sources(self) -> list[Path]:
@@ -157,7 +160,7 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False, slice_of: SliceOf | 
                     f"experts.{i}: method {spec.method} fits on data of each expert's task; name it, "
                     f"e.g. `- {{model: {expert.model}, task: zoo_upper}}` (an lm-eval task)"
                 )
-    if spec.tokenizer != "base" and not 0 <= int(spec.tokenizer) < len(spec.experts):
+    if isinstance(spec.tokenizer, int) and not 0 <= spec.tokenizer < len(spec.experts):
         raise SpecError(f"tokenizer: {spec.tokenizer} is not an expert index (0..{len(spec.experts) - 1})")
     # absolute paths: shard tasks run in other processes (and on other nodes) with another working directory
     paths = ([Path(spec.base).absolute()] if spec.base else []) + [Path(e.model).absolute() for e in spec.experts]
@@ -174,6 +177,16 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False, slice_of: SliceOf | 
                     "only models of one architecture can be merged"
                 )
     names = ref.names
+    vocab = None
+    if isinstance(spec.tokenizer, TokenizerSpec):
+        if method.data_driven:
+            raise SpecError(f"tokenizer: method {spec.method} fits on the experts as they are; a merged vocabulary "
+                            "(`tokenizer: {source: …}`) is not supported with it; drop it")  # fmt: skip
+        tok = spec.tokenizer
+        base = Path(tok.base).absolute() if tok.base else paths[0] if spec.base else None
+        if base is not None and base not in paths:
+            raise SpecError(f"tokenizer.base: {base} is not one of the merged models; name one of them")
+        vocab = build_vocabulary(paths, base, tok.source, tok.tokens, tok.pad_to_multiple_of)
     vocab_rows: dict[str, int] = {}
     num_layers = int(ref.config.get("num_hidden_layers", 1))
     for m in models[1:]:
@@ -193,6 +206,9 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False, slice_of: SliceOf | 
                 )
     for name in names:
         shapes = [m.shape(name) for m in models]
+        if vocab is not None and locate(name, num_layers).submodule in ("embedding", "lm_head"):
+            _check_vocab_rows(vocab, models, name)
+            continue
         if len(set(shapes)) > 1:
             site = locate(name, num_layers)
             if site.submodule in ("embedding", "lm_head") and len({s[1:] for s in shapes}) == 1:
@@ -216,6 +232,8 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False, slice_of: SliceOf | 
     emb = [n for n in vocab_rows if locate(n, num_layers).submodule == "embedding"]
     if emb:
         config["vocab_size"] = vocab_rows[emb[0]]
+    if vocab is not None:
+        config["vocab_size"] = vocab.size
     return MergePlan(
         spec=spec,
         base=paths[0] if spec.base else None,
@@ -227,7 +245,20 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False, slice_of: SliceOf | 
         allow_pickle=allow_pickle,
         vocab_rows=vocab_rows,
         slice=slice_of,
+        vocab=vocab,
+        chat_template=resolve_chat_template(spec.chat_template, paths),
     )
+
+
+def _check_vocab_rows(vocab: Vocabulary, models: list, name: str) -> None:
+    """Every input's vocabulary tensor holds a row for each token its tokenizer gives it, and all have one width."""
+    for model, rows in zip(models, vocab.sources, strict=True):
+        shape, need = model.shape(name), max(rows, default=-1) + 1
+        if not shape or shape[0] < need or shape[1:] != models[0].shape(name)[1:]:
+            raise ModelError(
+                f"{model.file_of(name)}: tensor {name} has shape {list(shape)} but its tokenizer needs {need} rows of "
+                f"width {list(models[0].shape(name)[1:])}; fix the model's vocab_size or its tokenizer"
+            )
 
 
 def _shards(names: list[str], num_layers: int, models: list, slice_of: SliceOf | None = None) -> list[Shard]:

@@ -21,6 +21,7 @@ from mergescale.merge_ops import TensorContext
 from mergescale.merge_ops.granularity import locate
 from mergescale.methods import get_method
 from mergescale.orchestrator.plan import MergePlan, Shard, params_for
+from mergescale.orchestrator.vocab import input_rows
 
 #: intra-op threads of a shard, on either runner.  Fixed, because torch's reductions (norms, dot
 #: products, SVD) split their work by thread count and round differently: one thread per shard keeps
@@ -122,8 +123,13 @@ class _TensorInputs:
         self.params = params_for(plan.spec, locate(name, plan.num_layers))
         shape = models[0].shape(name)
         common = min(m.shape(name)[0] for m in models) if name in plan.vocab_rows else (shape[0] if shape else None)
+        # a merged vocabulary: every input's rows permuted into the output's tokens (whole tensors: fills read
+        # rows of other inputs), then merged like any tensor (``orchestrator/vocab.py``)
+        self.permuted = plan.vocab is not None and locate(name, plan.num_layers).submodule in ("embedding", "lm_head")
+        if self.permuted:
+            shape, common = (plan.vocab.size, *shape[1:]), plan.vocab.size
         self.shape, self.common = shape, common
-        streamed = self.method.rowwise(self.params) and not whole
+        streamed = self.method.rowwise(self.params) and not whole and not self.permuted
         self.blocks = _blocks(common, math.prod(shape[1:]), plan.block_elements if streamed else None)
         self._cache: tuple | None = None
         # inputs are checked for NaN/Inf as they are read, or through the result (Method.nonfinite_propagates)
@@ -137,6 +143,11 @@ class _TensorInputs:
         has_base = self.plan.base is not None
         stored = has_base and self.method.experts_as_stored  # experts only meet the fp32 base: no upcast
         check = recheck or self.check_inputs
+        if self.permuted:
+            whole = [_read(m, self.name, None, self.device, check=check) for m in self.models]
+            tensors = [input_rows(self.plan.vocab, j, whole)[0] for j in range(len(whole))]
+            self._cache = (tensors[0], tensors[1:]) if has_base else (None, tensors)
+            return self._cache
         tensors = [
             _read(m, self.name, self.blocks[i], self.device, upcast=not (stored and j > 0), check=check)
             for j, m in enumerate(self.models)
@@ -218,7 +229,7 @@ def merge_tensor(plan: MergePlan, models: list[ModelDir], name: str, state=None,
         # copy_ casts while it copies (and brings a GPU result back): one pass, no output-dtype temporary
         out[start:stop].copy_(x.checked(x.method.merge(base, experts, x.params, replace(ctx, block=i)), i))
     filled = x.common  # rows beyond the common vocabulary come from the model that has them, base first
-    for m in models:
+    for m in models if not x.permuted else ():
         if m.shape(name)[0] > filled:
             out[filled : m.shape(name)[0]] = _read(m, name, (filled, m.shape(name)[0]), "cpu").to(plan.out_dtype)
             filled = m.shape(name)[0]

@@ -52,7 +52,8 @@ def plan_stack(spec: MergeSpec, allow_pickle: bool = False) -> list[MergePlan]:
     if get_method(spec.method).data_driven:
         raise SpecError(f"method {spec.method} fits on data of whole models; it does not take `slices:`")
     if spec.tokenizer != "base":
-        raise SpecError("tokenizer: a stacked merge takes the tokenizer of its base (or first source); drop it")
+        raise SpecError("tokenizer: a stack takes the tokenizer of its base (or first source) as it is; a merged "
+                        "vocabulary (`tokenizer_source:`, `tokenizer:`) is not supported for `slices:` yet; drop it")
     for i, piece in enumerate(spec.slices):
         for j, src in enumerate(piece.sources):
             if not Path(src.model).absolute().exists():

@@ -1,5 +1,5 @@
 """The output vocabulary of a merge whose inputs' tokenizers differ: mergekit 0.1.5's ``tokenizer_source:
-base | union | <model>`` and ``tokenizer:`` block (``docs/vocab_notes.md`` states the rules).
+base | union | <model>`` and ``tokenizer:`` block (``docs/ALGORITHMS.md#merged-vocabularies`` states the rules).
 
 Planning only: which token has which id, which row of which input each output row comes from, and the
 merged tokenizer's files.  Tokenizers are read from ``tokenizer.json`` with the ``tokenizers`` library
@@ -363,6 +363,17 @@ def write_tokenizer(
         (out_dir / "chat_template.jinja").write_text(chat_template)
     elif (src / "chat_template.jinja").is_file():
         shutil.copyfile(src / "chat_template.jinja", out_dir / "chat_template.jinja")
+
+
+def set_chat_template(directory: Path, template: str) -> None:
+    """Give the tokenizer files in ``directory`` another chat template (``chat_template.jinja``, which the
+    tokenizer_config.json's own entry would otherwise shadow in older transformers)."""
+    config = Path(directory) / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if data.pop("chat_template", None) is not None:
+            config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    (Path(directory) / "chat_template.jinja").write_text(template)
 
 
 def _update_config(data: dict, vocab: Vocabulary, new_template: bool) -> None:
