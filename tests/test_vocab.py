@@ -352,3 +352,46 @@ def test_zoo_experts_with_added_tokens_merge_as_mergekit_token_by_token(method, 
     run_merge(load_merge_spec(tmp_path / "plain.yaml"), tmp_path / "plain", progress=False)
     for name in VOCAB_TENSORS:  # every input has the 67 original tokens: their rows are the plain merge's
         assert torch.equal(ours.tensor(name)[:67], ModelDir(tmp_path / "plain").tensor(name)[:67])
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("method", ["passthrough", "task_arithmetic"])
+def test_a_stack_with_a_merged_vocabulary_agrees_with_mergekit(method, tiny_zoo, tmp_path):
+    """`slices:` with `tokenizer_source: union`: one vocabulary over every model of the stack; the embeddings
+    permuted from the first slice's sources only, lm_head from the last's (a token none of them has: zeros).
+    A stack as deep as its sources, so that mergekit's own config (the template's layer_types) is valid and it
+    writes its tokenizer."""
+    from mergescale.checkpoints import ModelDir
+    from mergescale.orchestrator.merge import run_merge
+    from mergescale.specs import load_merge_spec
+
+    base = str(tiny_zoo.base)
+    a = str(with_added_tokens(tiny_zoo.experts["upper"], tmp_path / "a", ["<think>", "<tool>"], 1))
+    b = str(with_added_tokens(tiny_zoo.experts["rot13"], tmp_path / "b", ["<tool>", "<sql>"], 2))
+    if method == "passthrough":
+        slices = [{"sources": [{"model": a, "layer_range": [0, 2]}]},
+                  {"sources": [{"model": b, "layer_range": [2, 4]}]}]  # fmt: skip
+    else:
+        slices = [{"sources": [{"model": base, "layer_range": [0, 2]}, {"model": a, "layer_range": [0, 2]}]},
+                  {"sources": [{"model": base, "layer_range": [2, 4]},
+                               {"model": b, "layer_range": [2, 4], "parameters": {"weight": 0.5}}]}]  # fmt: skip
+    config = {"merge_method": method, "base_model": base, "tokenizer_source": "union", "dtype": "float32",
+              "slices": slices, **({"parameters": {"weight": 1.0}} if method != "passthrough" else {})}  # fmt: skip
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    mergekit_merge(config, tmp_path / "mergekit")
+    run_merge(load_merge_spec(tmp_path / "merge.yaml"), tmp_path / "ours", progress=False)
+    ours_ids = Tokenizer.from_file(str(tmp_path / "ours" / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    their_ids = Tokenizer.from_file(str(tmp_path / "mergekit" / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    assert set(ours_ids) == set(their_ids) and len(ours_ids) == 70
+    order = [their_ids[t] for t in sorted(ours_ids, key=ours_ids.get)]
+    ours, theirs = ModelDir(tmp_path / "ours"), load_file(tmp_path / "mergekit" / "model.safetensors")
+    assert sorted(ours.names) == sorted(theirs)
+    for name in ours.names:
+        y = theirs[name][order] if name in VOCAB_TENSORS else theirs[name]
+        assert rel_diff(ours.tensor(name), y) <= 1e-4, name
+    if method == "passthrough":  # <sql> is b's alone: the embeddings (from a) have zeros there, lm_head b's row
+        sql = ours_ids["<sql>"]
+        assert not ours.tensor("model.embed_tokens.weight")[sql].any()
+        their_head = load_file(Path(b) / "model.safetensors")["lm_head.weight"]
+        assert torch.equal(ours.tensor("lm_head.weight")[sql], their_head[68])
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 70

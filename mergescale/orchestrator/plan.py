@@ -133,9 +133,12 @@ def _field(method, key: str) -> bool:
     return any(key in (n, f.alias) for n, f in method.Params.model_fields.items())
 
 
-def plan_merge(spec: MergeSpec, allow_pickle: bool = False, slice_of: SliceOf | None = None) -> MergePlan:
+def plan_merge(
+    spec: MergeSpec, allow_pickle: bool = False, slice_of: SliceOf | None = None, vocab_of: tuple | None = None
+) -> MergePlan:
     """Validate the spec against the models' files and group tensors into shards. Reads headers only.
-    ``slice_of``: the plan of one slice of a stacked merge (``orchestrator/stack.py``)."""
+    ``slice_of``: the plan of one slice of a stacked merge (``orchestrator/stack.py``); ``vocab_of``: a stack's
+    (every model, the vocabulary's base), whose vocabulary the slice's embeddings or head are permuted into."""
     method = get_method(spec.method)
     if method.needs_base and not spec.base:
         raise SpecError(f"method {spec.method} needs a base model: add `base:` (mergekit: `base_model:`)")
@@ -184,9 +187,11 @@ def plan_merge(spec: MergeSpec, allow_pickle: bool = False, slice_of: SliceOf | 
                             "(`tokenizer: {source: …}`) is not supported with it; drop it")  # fmt: skip
         tok = spec.tokenizer
         base = Path(tok.base).absolute() if tok.base else paths[0] if spec.base else None
-        if base is not None and base not in paths:
-            raise SpecError(f"tokenizer.base: {base} is not one of the merged models; name one of them")
-        vocab = build_vocabulary(paths, base, tok.source, tok.tokens, tok.pad_to_multiple_of)
+        everything, head = vocab_of or (paths, base)
+        if head is not None and head not in everything:
+            raise SpecError(f"tokenizer.base: {head} is not one of the merged models; name one of them")
+        inputs = (paths, paths[0] if spec.base else None) if vocab_of else None
+        vocab = build_vocabulary(everything, head, tok.source, tok.tokens, tok.pad_to_multiple_of, inputs)
     vocab_rows: dict[str, int] = {}
     num_layers = int(ref.config.get("num_hidden_layers", 1))
     for m in models[1:]:

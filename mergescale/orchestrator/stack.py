@@ -13,7 +13,7 @@ from mergescale.errors import ModelError, SpecError
 from mergescale.methods import get_method
 from mergescale.orchestrator.layers import SliceOf
 from mergescale.orchestrator.plan import MergePlan, plan_merge
-from mergescale.specs import ExpertSpec, MergeSpec
+from mergescale.specs import ExpertSpec, MergeSpec, TokenizerSpec
 
 
 def template(spec: MergeSpec) -> Path:
@@ -51,9 +51,15 @@ def plan_stack(spec: MergeSpec, allow_pickle: bool = False) -> list[MergePlan]:
     """One plan per slice, each checked against the models' headers before any tensor is read."""
     if get_method(spec.method).data_driven:
         raise SpecError(f"method {spec.method} fits on data of whole models; it does not take `slices:`")
-    if spec.tokenizer != "base":
-        raise SpecError("tokenizer: a stack takes the tokenizer of its base (or first source) as it is; a merged "
-                        "vocabulary (`tokenizer_source:`, `tokenizer:`) is not supported for `slices:` yet; drop it")
+    if isinstance(spec.tokenizer, int):
+        raise SpecError("tokenizer: a stack takes the tokenizer of its base (or first source), or a merged "
+                        "vocabulary (`tokenizer: {source: …}`); not an expert's index")
+    vocab_of = None
+    if isinstance(spec.tokenizer, TokenizerSpec):  # one vocabulary over every model; each end slice's rows into it
+        everything = list(dict.fromkeys(Path(m).absolute() for m in [spec.base, *(s.model for piece in spec.slices
+                                                                                   for s in piece.sources)] if m))
+        vocab_of = (everything, Path(spec.tokenizer.base or spec.base).absolute() if spec.tokenizer.base or spec.base
+                    else None)  # fmt: skip
     for i, piece in enumerate(spec.slices):
         for j, src in enumerate(piece.sources):
             if not Path(src.model).absolute().exists():
@@ -76,8 +82,10 @@ def plan_stack(spec: MergeSpec, allow_pickle: bool = False) -> list[MergePlan]:
                 raise SpecError(f"slices.{i}.sources.{j}: layers [{src.layers[0]}, {src.layers[1]}) but {path} has "
                                 f"{layers} layers (0 to {layers - 1}); the range's end is exclusive")  # fmt: skip
         where = SliceOf(ranges, offset, pre=i == 0, post=i == len(spec.slices) - 1)
+        if not (where.pre or where.post):  # no vocabulary tensor in the slice
+            sub = sub.model_copy(update={"tokenizer": "base"})
         try:
-            plans.append(plan_merge(sub, allow_pickle, where))
+            plans.append(plan_merge(sub, allow_pickle, where, vocab_of if where.pre or where.post else None))
         except (SpecError, ModelError) as err:
             raise type(err)(f"slices.{i}: {err}") from None
         offset += lengths[0]

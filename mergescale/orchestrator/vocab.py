@@ -126,11 +126,14 @@ def build_vocabulary(
     source: str,
     tokens: dict | None = None,
     pad_to_multiple_of: int | None = None,
+    inputs: tuple[list[Path], Path | None] | None = None,
 ) -> Vocabulary:
     """The output vocabulary for ``source`` (``"base"``, ``"union"`` or a model directory) over ``models`` (every
     input, in tensor order; a ``base`` not among them is appended).  ``tokens`` is mergekit's ``tokenizer.tokens``
     mapping: ``{token: {"source": <model path> | {"kind": "zero"} | {"kind": "model_token", "model": <path>,
-    "token": str} | {... "token_id": int}, "force": bool}}``."""
+    "token": str} | {... "token_id": int}, "force": bool}}``.  ``inputs``: (the models of the tensors to permute,
+    their base) where these are not all of ``models`` — a slice of a stack, whose embeddings are merged from its
+    own sources only: the output's tokens come from every model, the rows and fills from these inputs."""
     models = [Path(m) for m in models]
     if base is not None and not any(_same(base, m) for m in models):
         models.append(Path(base))
@@ -185,6 +188,8 @@ def build_vocabulary(
             out.append(t)
             known.add(t)
 
+    if inputs is not None:
+        models, base = [Path(m) for m in inputs[0]], inputs[1]
     sources = []
     for m in models:
         tok = loaded[next(o for o in order if _same(o, m))]
