@@ -300,6 +300,30 @@ def with_added_tokens(src: Path, dst: Path, tokens: list[str], seed: int) -> Pat
     return dst
 
 
+def merge_both(config: dict, tmp_path: Path) -> tuple[dict, dict]:
+    """``config`` (mergekit YAML) merged by mergekit and by `mergescale merge`; asserts the same tokens and, token
+    by token, the same tensors (within 1e-4 relative).  Returns (our token ids, mergekit's)."""
+    from mergescale.checkpoints import ModelDir
+    from mergescale.orchestrator.merge import run_merge
+    from mergescale.specs import load_merge_spec
+
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    mergekit_merge(config, tmp_path / "mergekit")
+    run_merge(load_merge_spec(tmp_path / "merge.yaml"), tmp_path / "ours", progress=False)
+    ours_ids = Tokenizer.from_file(str(tmp_path / "ours" / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    their_ids = Tokenizer.from_file(str(tmp_path / "mergekit" / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    assert set(ours_ids) == set(their_ids) and len(ours_ids) == 70
+    order = [their_ids[t] for t in sorted(ours_ids, key=ours_ids.get)]  # mergekit's rows in our token order
+    ours, theirs = ModelDir(tmp_path / "ours"), load_file(tmp_path / "mergekit" / "model.safetensors")
+    assert sorted(ours.names) == sorted(theirs)
+    for name in ours.names:
+        y = theirs[name][order] if name in VOCAB_TENSORS else theirs[name]
+        assert rel_diff(ours.tensor(name), y) <= 1e-4, name
+    for out in ("ours", "mergekit"):
+        assert json.loads((tmp_path / out / "config.json").read_text())["vocab_size"] == 70
+    return ours_ids, their_ids
+
+
 @pytest.mark.zoo
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
 def test_zoo_experts_with_added_tokens_merge_as_mergekit_token_by_token(method, tiny_zoo, tmp_path):
@@ -323,22 +347,10 @@ def test_zoo_experts_with_added_tokens_merge_as_mergekit_token_by_token(method, 
     }  # fmt: skip
     if method == "linear":  # the base averaged in; it lacks <tool>, which both experts have: its row is their mean
         config["models"].insert(0, {"model": str(tiny_zoo.base), "parameters": {"weight": 0.5}})
-    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
-    mergekit_merge(config, tmp_path / "mergekit")
-    run_merge(load_merge_spec(tmp_path / "merge.yaml"), tmp_path / "ours", progress=False)
-    ours_ids = Tokenizer.from_file(str(tmp_path / "ours" / "tokenizer.json")).get_vocab(with_added_tokens=True)
-    their_ids = Tokenizer.from_file(str(tmp_path / "mergekit" / "tokenizer.json")).get_vocab(with_added_tokens=True)
-    assert set(ours_ids) == set(their_ids) and len(ours_ids) == 70
+    ours_ids, their_ids = merge_both(config, tmp_path)
     assert [t for t, _ in sorted(ours_ids.items(), key=lambda x: x[1])][67:] == ["<think>", "<tool>", "<sql>"]
     assert all(ours_ids[t] == their_ids[t] for t in ours_ids if ours_ids[t] < 67)
-    order = [their_ids[t] for t in sorted(ours_ids, key=ours_ids.get)]  # mergekit's rows in our token order
-    ours, theirs = ModelDir(tmp_path / "ours"), load_file(tmp_path / "mergekit" / "model.safetensors")
-    assert sorted(ours.names) == sorted(theirs)
-    for name in ours.names:
-        y = theirs[name][order] if name in VOCAB_TENSORS else theirs[name]
-        assert rel_diff(ours.tensor(name), y) <= 1e-4, name
-    for out in ("ours", "mergekit"):
-        assert json.loads((tmp_path / out / "config.json").read_text())["vocab_size"] == 70
+    ours = ModelDir(tmp_path / "ours")
     assert (tmp_path / "ours" / "chat_template.jinja").read_text() == TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "ours")
@@ -362,8 +374,6 @@ def test_a_stack_with_a_merged_vocabulary_agrees_with_mergekit(method, tiny_zoo,
     A stack as deep as its sources, so that mergekit's own config (the template's layer_types) is valid and it
     writes its tokenizer."""
     from mergescale.checkpoints import ModelDir
-    from mergescale.orchestrator.merge import run_merge
-    from mergescale.specs import load_merge_spec
 
     base = str(tiny_zoo.base)
     a = str(with_added_tokens(tiny_zoo.experts["upper"], tmp_path / "a", ["<think>", "<tool>"], 1))
@@ -377,21 +387,10 @@ def test_a_stack_with_a_merged_vocabulary_agrees_with_mergekit(method, tiny_zoo,
                                {"model": b, "layer_range": [2, 4], "parameters": {"weight": 0.5}}]}]  # fmt: skip
     config = {"merge_method": method, "base_model": base, "tokenizer_source": "union", "dtype": "float32",
               "slices": slices, **({"parameters": {"weight": 1.0}} if method != "passthrough" else {})}  # fmt: skip
-    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
-    mergekit_merge(config, tmp_path / "mergekit")
-    run_merge(load_merge_spec(tmp_path / "merge.yaml"), tmp_path / "ours", progress=False)
-    ours_ids = Tokenizer.from_file(str(tmp_path / "ours" / "tokenizer.json")).get_vocab(with_added_tokens=True)
-    their_ids = Tokenizer.from_file(str(tmp_path / "mergekit" / "tokenizer.json")).get_vocab(with_added_tokens=True)
-    assert set(ours_ids) == set(their_ids) and len(ours_ids) == 70
-    order = [their_ids[t] for t in sorted(ours_ids, key=ours_ids.get)]
-    ours, theirs = ModelDir(tmp_path / "ours"), load_file(tmp_path / "mergekit" / "model.safetensors")
-    assert sorted(ours.names) == sorted(theirs)
-    for name in ours.names:
-        y = theirs[name][order] if name in VOCAB_TENSORS else theirs[name]
-        assert rel_diff(ours.tensor(name), y) <= 1e-4, name
+    ours_ids, _ = merge_both(config, tmp_path)
+    ours = ModelDir(tmp_path / "ours")
     if method == "passthrough":  # <sql> is b's alone: the embeddings (from a) have zeros there, lm_head b's row
         sql = ours_ids["<sql>"]
         assert not ours.tensor("model.embed_tokens.weight")[sql].any()
         their_head = load_file(Path(b) / "model.safetensors")["lm_head.weight"]
         assert torch.equal(ours.tensor("lm_head.weight")[sql], their_head[68])
-    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 70
