@@ -28,13 +28,18 @@ def mergekit_merge(config: dict, out: Path) -> None:
     mk_run_merge(MergeConfiguration.model_validate(config), str(out), options=MergeOptions(quiet=True))
 
 
+def rel_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The largest difference of ``x`` from ``y``, relative to ``y``'s largest magnitude."""
+    x, y = x.double(), y.double()
+    return ((x - y).abs().max() / y.abs().max().clamp(min=1e-12)).item()
+
+
 def max_rel_diff(a: Path, b: Path) -> tuple[float, str]:
     ma, mb = ModelDir(a), ModelDir(b)
     assert sorted(ma.names) == sorted(mb.names)
     worst, where = 0.0, ""
     for name in ma.names:
-        x, y = ma.tensor(name).double(), mb.tensor(name).double()
-        d = ((x - y).abs().max() / y.abs().max().clamp(min=1e-12)).item()
+        d = rel_diff(ma.tensor(name), mb.tensor(name))
         if d > worst:
             worst, where = d, name
     return worst, where

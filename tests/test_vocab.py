@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from test_merge import mergekit_merge
+from test_merge import mergekit_merge, rel_diff
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
@@ -68,10 +68,6 @@ def mergekit_order(config: dict) -> list[Path]:
     from mergekit.config import MergeConfiguration
 
     return [Path(m.model.path) for m in MergeConfiguration.model_validate(config).referenced_models()]
-
-
-def rel_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    return ((x.double() - y.double()).abs().max() / y.double().abs().max()).item()
 
 
 def check(config: dict, out: Path, combine) -> tuple:
