@@ -75,9 +75,9 @@ def _load(path: Path) -> _Tok | None:
     except Exception as e:  # noqa: BLE001 - any tokenizer that does not load counts as absent, as in mergekit
         LOG.warning("%s: no tokenizer loads (%s)", path, e)
         return None
-    vocab = tok.get_vocab(with_added_tokens=True)
-    added = {e["id"]: e for e in json.loads(text).get("added_tokens", [])}
-    return _Tok(path, json.loads(text), vocab, added, _rows(path, len(vocab)))
+    vocab, data = tok.get_vocab(with_added_tokens=True), json.loads(text)
+    added = {e["id"]: e for e in data.get("added_tokens", [])}
+    return _Tok(path, data, vocab, added, _rows(path, len(vocab)))
 
 
 def _strip(tok: _Tok) -> _Tok:
@@ -332,13 +332,11 @@ def resolve_chat_template(value: str | None, models: list[Path]) -> str | None:
     return value
 
 
-def write_tokenizer(
-    vocab: Vocabulary, out_dir: Path, template_from: Path | None = None, chat_template: str | None = None
-) -> None:
+def write_tokenizer(vocab: Vocabulary, out_dir: Path, chat_template: str | None = None) -> None:
     """The merged tokenizer's files in ``out_dir``: the template's tokenizer with ``vocab``'s tokens appended, its
     tokenizer_config.json / special_tokens_map.json, and the chat template (``chat_template``, a resolved
     template text, replaces the template's)."""
-    src = Path(template_from or vocab.template)
+    src = Path(vocab.template)
     tok = _load(src)
     if tok is None:
         raise ModelError(f"{src}: no tokenizer (tokenizer.json or tokenizer.model); add its tokenizer files")
@@ -359,13 +357,13 @@ def write_tokenizer(
         if (src / name).is_file():
             data = json.loads((src / name).read_text())
             if name == "tokenizer_config.json":
-                _update_config(data, vocab, chat_template is not None)
+                _update_config(data, vocab)
             (out_dir / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     if not (out_dir / "tokenizer_config.json").exists():
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if chat_template is not None:
-        (out_dir / "chat_template.jinja").write_text(chat_template)
+        set_chat_template(out_dir, chat_template)
     elif (src / "chat_template.jinja").is_file():
         shutil.copyfile(src / "chat_template.jinja", out_dir / "chat_template.jinja")
 
@@ -381,11 +379,9 @@ def set_chat_template(directory: Path, template: str) -> None:
     (Path(directory) / "chat_template.jinja").write_text(template)
 
 
-def _update_config(data: dict, vocab: Vocabulary, new_template: bool) -> None:
+def _update_config(data: dict, vocab: Vocabulary) -> None:
     """tokenizer_config.json of the output: its added_tokens_decoder (transformers 4's) over the output's added
-    tokens; a replaced chat template leaves it (it lives in chat_template.jinja)."""
-    if new_template:
-        data.pop("chat_template", None)
+    tokens."""
     decoder = data.get("added_tokens_decoder")
     if isinstance(decoder, dict):
         kept = {k: v for k, v in decoder.items() if int(k) < vocab.template_count}
