@@ -3,6 +3,7 @@ whose per-layer lists follow the layers (where mergekit 0.1.5 under transformers
 evaluated by the real vLLM engine through lm-eval; bad input refused at planning with nothing written."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {name: tiny_model(root / name, seed) for seed, name in enumerate(["base", "a", "b"])}
 
 
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
 def _mk(models, slices, method="passthrough", **extra) -> dict:
     return {"merge_method": method, **extra,
             "slices": [{"sources": [{"model": str(models[m]), "layer_range": list(r)} for m, r in s]} for s in slices]}
@@ -234,3 +238,21 @@ def test_a_stack_of_one_slice_per_layer_is_the_model_itself(models, tmp_path):
     out, a = ModelDir(tmp_path / "out"), ModelDir(models["a"])
     assert sorted(out.names) == sorted(a.names)
     assert all(torch.equal(out.tensor(n), a.tensor(n)) for n in a.names)
+
+
+def test_a_stacks_card_holds_the_whole_stack_and_auto_takes_the_template_of_any_slices_model(models, tmp_path):
+    """The card's configuration is the stack's spec (every slice, so the leaderboard names every parent), and
+    `chat_template: auto` looks at every model of the stack, as mergekit's does: here only the second slice's
+    source has a template."""
+    from mergescale.leaderboard.queue import provenance
+
+    b = tmp_path / "b"
+    shutil.copytree(models["b"], b)
+    (b / "chat_template.jinja").write_text(TEMPLATE)
+    config = {**_mk({"a": models["a"], "b": b}, [[("a", (0, 1))], [("b", (1, 2))]]), "chat_template": "auto"}
+    run_merge(load_merge_spec(write_spec(tmp_path, config)), tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == TEMPLATE
+    card = (tmp_path / "out" / "README.md").read_text()
+    stored = json.loads(card.split("## Configuration")[1].split("```json")[1].split("```")[0])
+    assert [[s["model"] for s in piece["sources"]] for piece in stored["slices"]] == [[str(models["a"])], [str(b)]]
+    assert provenance(tmp_path / "out")["parents"] == [str(models["a"]), str(b)]

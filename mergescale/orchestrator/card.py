@@ -8,6 +8,7 @@ import mergescale
 from mergescale.checkpoints import ShardInfo
 from mergescale.methods import get_method
 from mergescale.orchestrator.plan import MergePlan
+from mergescale.specs import MergeSpec
 
 
 def _fit_card(fit) -> list[str]:
@@ -45,9 +46,11 @@ def _inputs(plan: MergePlan) -> list[str]:
     return out
 
 
-def model_card(plans: list[MergePlan], shards: list[ShardInfo], fit=None, stats: dict | None = None) -> str:
-    """The card of a merge (one plan) or of a stack (one plan per slice, ``orchestrator/stack.py``)."""
-    spec = plans[0].spec
+def model_card(
+    spec: MergeSpec, plans: list[MergePlan], shards: list[ShardInfo], fit=None, stats: dict | None = None
+) -> str:
+    """The card of a merge (one plan) or of a stack (one plan per slice, ``orchestrator/stack.py``); its
+    configuration is ``spec``, the whole merge's (a slice's plan holds only that slice's)."""
     if plans[0].slice is None:
         inputs = [*_inputs(plans[0]), f"- parameters: `{json.dumps(spec.parameters, sort_keys=True)}`"]
     else:

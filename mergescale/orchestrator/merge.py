@@ -168,7 +168,7 @@ def run_merge(
         if fit is not None:
             (staging / "fit.json").write_text(json.dumps(fit.record(), indent=1, sort_keys=True) + "\n")
         tokenizer_from = _write_tokenizer(plans[0], tokenizer_from, staging)
-        publish(staging, out, shards, config, tokenizer_from, model_card(plans, shards, fit, stats), template)
+        publish(staging, out, shards, config, tokenizer_from, model_card(spec, plans, shards, fit, stats), template)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

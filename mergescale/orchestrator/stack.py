@@ -13,6 +13,7 @@ from mergescale.errors import ModelError, SpecError
 from mergescale.methods import get_method
 from mergescale.orchestrator.layers import SliceOf
 from mergescale.orchestrator.plan import MergePlan, plan_merge
+from mergescale.orchestrator.vocab import resolve_chat_template
 from mergescale.specs import ExpertSpec, MergeSpec, TokenizerSpec
 
 
@@ -54,23 +55,24 @@ def plan_stack(spec: MergeSpec, allow_pickle: bool = False) -> list[MergePlan]:
     if isinstance(spec.tokenizer, int):
         raise SpecError("tokenizer: a stack takes the tokenizer of its base (or first source), or a merged "
                         "vocabulary (`tokenizer: {source: …}`); not an expert's index")
+    everything = list(dict.fromkeys(Path(m).absolute() for m in [spec.base, *(s.model for piece in spec.slices
+                                                                               for s in piece.sources)] if m))
     vocab_of = None
     if isinstance(spec.tokenizer, TokenizerSpec):  # one vocabulary over every model; each end slice's rows into it
-        everything = list(dict.fromkeys(Path(m).absolute() for m in [spec.base, *(s.model for piece in spec.slices
-                                                                                   for s in piece.sources)] if m))
-        vocab_of = (everything, Path(spec.tokenizer.base or spec.base).absolute() if spec.tokenizer.base or spec.base
-                    else None)  # fmt: skip
+        head = spec.tokenizer.base or spec.base
+        vocab_of = (everything, Path(head).absolute() if head else None)
     for i, piece in enumerate(spec.slices):
         for j, src in enumerate(piece.sources):
             if not Path(src.model).absolute().exists():
                 raise ModelError(f"{Path(src.model).absolute()}: no such model directory; check slices.{i}.sources.{j} "
                                  "in the merge config")  # fmt: skip
+    chat_template = resolve_chat_template(spec.chat_template, everything)  # `auto`: over every model, as mergekit
     first = ModelDir(template(spec), allow_pickle=allow_pickle)
     floats = [first.dtype(n) for n in first.names if first.dtype(n).is_floating_point]
     dtype = spec.dtype or (str(floats[0]).removeprefix("torch.") if floats else "float32")
     plans, offset = [], 0
     for i, piece in enumerate(spec.slices):
-        sub, ranges = slice_spec(spec.model_copy(update={"dtype": dtype}), i)
+        sub, ranges = slice_spec(spec.model_copy(update={"dtype": dtype, "chat_template": None}), i)
         lengths = sorted({end - start for start, end in ranges})
         if len(lengths) > 1:
             raise SpecError(f"slices.{i}: its sources' layer ranges hold {' and '.join(map(str, lengths))} layers; "
@@ -91,7 +93,7 @@ def plan_stack(spec: MergeSpec, allow_pickle: bool = False) -> list[MergePlan]:
         offset += lengths[0]
     total, start = sum(len(p.shards) for p in plans), 0
     for plan in plans:
-        plan.files = (start, total)
+        plan.files, plan.chat_template = (start, total), chat_template
         start += len(plan.shards)
     return plans
 
