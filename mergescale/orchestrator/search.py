@@ -18,8 +18,9 @@ One run (``docs/ALGORITHMS.md#coefficient-search``):
 
 Resuming: the Optuna journal is the record of the search.  A rerun of a killed search reopens it; the
 trials that were running when the driver died are run again with their own parameters before anything
-new is asked, so the sequence of vectors is the one an uninterrupted run draws (every sampler is seeded
-per trial number).  Each run is a fresh Tune experiment in ``RESULTS/tune`` (Tune's logs).
+new is asked (a draw the kill cut short completed first: ``Draws``), so the sequence of vectors is the one
+an uninterrupted run draws (every sampler is seeded per trial number).  Each run is a fresh Tune experiment
+in ``RESULTS/tune`` (Tune's logs).
 """
 
 from __future__ import annotations
@@ -250,48 +251,117 @@ def open_study(spec: SearchSpec, results: Path):
                                direction="maximize", load_if_exists=True)  # fmt: skip
 
 
-def _searcher(spec: SearchSpec, space: SearchSpace, study, full_limit, runner):
-    """A Tune searcher over the Optuna ``study`` that hands Tune trial *numbers* and the runner their vectors.
+class Draws:
+    """The searcher's side of the Optuna study, without Ray: which vector each trial number runs, and when
+    the next batch is drawn.
 
     Trial n belongs to batch n // parallel.  A batch's vectors are drawn (``study.ask``) only once every
-    trial of the batch before it is told — the sequence is the batch sequence whichever trial finishes
-    first — and are offered to the runner, where the trials wait for them.  Tune meanwhile starts the next
-    batch's trials as soon as slots free up, on the actors the finished trials leave (an actor per batch
-    would cost seconds of start-up per batch).  Trials a killed run left running in the journal are the
-    first batch, with their own parameters; a failed trial stays running there, so a rerun repeats it."""
-    from optuna.trial import TrialState
+    trial of the batch before it is told, so the sequence is the batch sequence whichever trial finishes
+    first.  A rerun of a killed search resumes from the journal at whatever line the kill left it: the
+    unfinished trials keep their own parameters, a draw the kill cut short (a trial created with part of its
+    parameters, or a grid point enqueued and not yet asked) is completed with the values the uninterrupted
+    draw gives, and the rest of a batch the kill cut short is drawn."""
+
+    def __init__(self, spec: SearchSpec, space: SearchSpace, study):
+        self.spec, self.space, self.study = spec, space, study
+        self.p, self.total, self.dists = parallel(spec, space), budget(spec, space), distributions(space)
+        self.told = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+
+    def resume(self) -> dict[int, dict]:
+        """Trial number -> vector for every trial a killed run left unfinished, then the next batch if due."""
+        from optuna.trial import TrialState
+
+        out = {}
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state == TrialState.WAITING:  # a grid point enqueued by a killed run, not yet asked
+                out[t.number] = self._ask(t.number)
+            elif t.state == TrialState.RUNNING:
+                out[t.number] = t.params if set(t.params) == set(self.dists) else self._complete(t)
+        n = len(self.study.trials)
+        if n < self.total and (n % self.p or len(self.told) == n):  # a batch cut short while drawn, or the next
+            out |= self.draw(n // self.p)
+        return out
+
+    def tell(self, number: int, value: float | None) -> dict[int, dict]:
+        """Trial ``number`` finished (``value`` None: pruned); the next batch's vectors once its batch is told."""
+        from optuna.trial import TrialState
+
+        if value is None:
+            self.study.tell(number, state=TrialState.PRUNED)
+        else:
+            self.study.tell(number, value)
+        self.told.add(number)
+        batch = number // self.p
+        if all(n in self.told for n in range(batch * self.p, min((batch + 1) * self.p, self.total))):
+            if (batch + 1) * self.p < self.total and len(self.study.trials) == (batch + 1) * self.p:
+                return self.draw(batch + 1)
+        return {}
+
+    def draw(self, batch: int) -> dict[int, dict]:
+        """Ask the rest of batch ``batch`` (all of it, unless a killed run asked part)."""
+        out = {}
+        for number in range(len(self.study.trials), min((batch + 1) * self.p, self.total)):
+            if self.spec.search.algorithm == "grid":
+                self.study.enqueue_trial(grid_point(self.space, number))
+            out[number] = self._ask(number)
+        return out
+
+    def _ask(self, number: int) -> dict:
+        self.study.sampler = _sampler(self.spec, self.space, number)
+        return self.study.ask(self.dists).params
+
+    def _complete(self, trial) -> dict:
+        """A trial whose draw a kill cut short: its draw rerun on a copy of the trials before it (the study
+        as the uninterrupted draw saw it — every sampler is seeded by trial number), and what the copy's draw
+        wrote and the journal lacks (parameters, the sampler's records such as CMA-ES's state) written to it."""
+        import optuna
+
+        copy = optuna.create_study(direction="maximize")
+        copy.add_trials(self.study.get_trials(deepcopy=True)[: trial.number])
+        if self.spec.search.algorithm == "grid":
+            copy.enqueue_trial(grid_point(self.space, trial.number))
+        copy.sampler = _sampler(self.spec, self.space, trial.number)
+        params = copy.ask(self.dists).params
+        drawn, storage = copy.trials[trial.number], self.study._storage
+        for key, value in drawn.system_attrs.items():
+            if trial.system_attrs.get(key) != value:
+                storage.set_trial_system_attr(trial._trial_id, key, value)
+        for name, value in params.items():
+            if name not in trial.params:
+                storage.set_trial_param(trial._trial_id, name, self.dists[name].to_internal_repr(value),
+                                        self.dists[name])  # fmt: skip
+        return params
+
+
+def _searcher(draws: Draws, full_limit, runner):
+    """A Tune searcher over the study of ``draws`` that hands Tune trial *numbers* and the runner their vectors.
+
+    The vectors of a batch are offered to the runner as they are drawn; the trials wait there for them.  Tune
+    meanwhile starts the next batch's trials as soon as slots free up, on the actors the finished trials leave
+    (an actor per batch would cost seconds of start-up per batch).  A failed trial stays running in the
+    journal, so a rerun repeats it."""
     from ray.tune.search import Searcher
 
-    p, total, dists = parallel(spec, space), budget(spec, space), distributions(space)
+    study = draws.study
 
     class StudySearcher(Searcher):
         def __init__(self):
             super().__init__(metric=METRIC, mode="max")
-            trials = study.get_trials(deepcopy=False)
-            self.told = {t.number for t in trials if t.state.is_finished()}
             self.cursor = 0  # the next number for Tune (told ones are skipped)
             self.live: dict[str, int] = {}
-            for t in trials:
-                if t.state == TrialState.RUNNING:  # drawn by a killed run: its own parameters
-                    runner.offer.remote(t.number, t.params)
-            n = len(trials)
-            if n < total and (n % p or len(self.told) == n):  # a batch cut short while drawn, or the next one
-                self._draw(n // p)
+            self._offer(draws.resume())
 
         __reduce__ = _driver_only  # Tune pickles its searcher into its experiment state; the journal is ours
 
-        def _draw(self, batch: int) -> None:
-            """Ask the rest of batch ``batch`` (all of it, unless a killed run asked part) and offer it."""
-            for number in range(len(study.trials), min((batch + 1) * p, total)):
-                study.sampler = _sampler(spec, space, number)
-                if spec.search.algorithm == "grid":
-                    study.enqueue_trial(grid_point(space, number))
-                runner.offer.remote(number, study.ask(dists).params)
+        @staticmethod
+        def _offer(vectors: dict[int, dict]) -> None:
+            for number, vector in vectors.items():
+                runner.offer.remote(number, vector)
 
         def suggest(self, trial_id: str):
-            while self.cursor in self.told:
+            while self.cursor in draws.told:
                 self.cursor += 1
-            if self.cursor >= total:
+            if self.cursor >= draws.total:
                 return Searcher.FINISHED
             self.live[trial_id], self.cursor = self.cursor, self.cursor + 1
             return {"trial": self.live[trial_id]}
@@ -305,15 +375,8 @@ def _searcher(spec: SearchSpec, space: SearchSpace, study, full_limit, runner):
                       "eval_seconds", "cached", "seconds", "started"):  # fmt: skip
                 if k in result:
                     study._storage.set_trial_user_attr(frozen._trial_id, k, result[k])
-            if result["limit"] != (full_limit or 0):
-                study.tell(number, state=TrialState.PRUNED)  # stopped by ASHA below the full budget
-            else:
-                study.tell(number, result[METRIC])
-            self.told.add(number)
-            batch = number // p
-            if all(n in self.told for n in range(batch * p, min((batch + 1) * p, total))):
-                if (batch + 1) * p < total and len(study.trials) == (batch + 1) * p:
-                    self._draw(batch + 1)
+            pruned = result["limit"] != (full_limit or 0)  # stopped by ASHA below the full budget
+            self._offer(draws.tell(number, None if pruned else result[METRIC]))
 
         def save(self, checkpoint_path: str):  # the journal is the search's state; Tune's copy is not needed
             pass
@@ -507,7 +570,7 @@ def _tune(spec: SearchSpec, space: SearchSpace, study, runner, rungs: list, resu
 
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=len(rungs), grace_period=1,
                                   reduction_factor=spec.search.asha.reduction_factor)  # fmt: skip
-    searcher = ConcurrencyLimiter(_searcher(spec, space, study, rungs[-1], runner), max_concurrent=n_batch)
+    searcher = ConcurrencyLimiter(_searcher(Draws(spec, space, study), rungs[-1], runner), max_concurrent=n_batch)
     trainable = tune.with_resources(tune.with_parameters(trial, runner=runner, budgets=rungs),
                                     {"cpu": 0, "memory": 1})  # a trial only waits for the runner  # fmt: skip
     runs = sorted(p.name for p in (results / TUNE).glob("run-*")) if (results / TUNE).is_dir() else []
@@ -531,11 +594,14 @@ def _dirname(trial) -> str:
 
 
 def _trial_error(err: BaseException) -> BaseException:
-    """A failed trial's error: a user error (a ``MergescaleError``) as itself, anything else as it came."""
-    cause = err
-    while cause is not None and not isinstance(cause, MergescaleError):
+    """A failed trial's error: a user error (a ``MergescaleError``) as itself — the innermost one, not Ray's
+    wrapper of it, whose text is the remote traceback — anything else as it came."""
+    found, cause, seen = None, err, set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        found = cause if isinstance(cause, MergescaleError) else found
         cause = getattr(cause, "cause", None) or cause.__cause__
-    return type(cause)(str(cause)) if cause is not None else err
+    return type(found)(str(found)) if found is not None else err
 
 
 def _loggers(spec: SearchSpec, results: Path) -> list:
