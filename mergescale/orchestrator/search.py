@@ -277,7 +277,7 @@ class Draws:
                 out[t.number] = self._ask(t.number)
             elif t.state == TrialState.RUNNING:
                 out[t.number] = t.params if set(t.params) == set(self.dists) else self._complete(t)
-        n = len(self.study.trials)
+        n = self._asked()
         if n < self.total and (n % self.p or len(self.told) == n):  # a batch cut short while drawn, or the next
             out |= self.draw(n // self.p)
         return out
@@ -293,18 +293,22 @@ class Draws:
         self.told.add(number)
         batch = number // self.p
         if all(n in self.told for n in range(batch * self.p, min((batch + 1) * self.p, self.total))):
-            if (batch + 1) * self.p < self.total and len(self.study.trials) == (batch + 1) * self.p:
+            if (batch + 1) * self.p < self.total and self._asked() == (batch + 1) * self.p:
                 return self.draw(batch + 1)
         return {}
 
     def draw(self, batch: int) -> dict[int, dict]:
         """Ask the rest of batch ``batch`` (all of it, unless a killed run asked part)."""
         out = {}
-        for number in range(len(self.study.trials), min((batch + 1) * self.p, self.total)):
+        for number in range(self._asked(), min((batch + 1) * self.p, self.total)):
             if self.spec.search.algorithm == "grid":
                 self.study.enqueue_trial(grid_point(self.space, number))
             out[number] = self._ask(number)
         return out
+
+    def _asked(self) -> int:
+        """Trials in the journal (``study.trials`` would deep-copy them all to count them)."""
+        return len(self.study.get_trials(deepcopy=False))
 
     def _ask(self, number: int) -> dict:
         self.study.sampler = _sampler(self.spec, self.space, number)
@@ -370,7 +374,7 @@ def _searcher(draws: Draws, full_limit, runner):
             number = self.live.pop(trial_id, None)
             if number is None or error or not result:  # a failed trial stays running: a rerun repeats it
                 return
-            frozen = study.trials[number]
+            frozen = study.get_trials(deepcopy=False)[number]
             for k in ("held_in", "divergence", "held_out_loss", "job_key", "limit", "merge_seconds",
                       "eval_seconds", "cached", "seconds", "started"):  # fmt: skip
                 if k in result:
